@@ -1,0 +1,241 @@
+"""Datasets: pre-training (videos and images mixed), paragraph-to-video retrieval (train
+and evaluation views over four annotation formats) and ActivityNet-QA. All share
+ClipDataset: clip reading, transforms and the bad-input policy."""
+import random
+from collections import Counter, defaultdict
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image
+
+from .annotations import read_activitynet, read_condensedmovies, read_didemo, read_json, read_queryd
+from .bad_inputs import BadInputLog
+from .text import pre_caption, pre_question
+from .transforms import EvalTransform, ImageTrainTransform, VideoTrainTransform
+from .video import VideoReadError, read_video
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".flv", ".mkv", ".webm")
+DEFAULT_VIDEO_RESIZE = 256
+DEFAULT_MAX_WORDS = 30
+
+
+def config_value(config, key, dataset):
+    if key not in config:
+        raise KeyError(f"config is missing '{key}', needed by dataset {dataset!r}")
+    return config[key]
+
+
+def drop_missing(items, path_of, dataset):
+    """Keep the items whose video exists; print one line with the number dropped."""
+    kept = [item for item in items if path_of(item) is not None and Path(path_of(item)).is_file()]
+    if len(kept) < len(items):
+        print(f"[data] {dataset}: dropped {len(items) - len(kept)} of {len(items)} items whose video is missing")
+    return kept
+
+
+class ClipDataset(Dataset):
+    """Reads clips under the bad-input policy.
+
+    Training: an unreadable file is logged once, counted, and the item is replaced by a
+    random other one, at most `max_tries` times in a row. Evaluation: it raises with the
+    path, unless `substitute_black_on_error`, which substitutes a black clip and counts it.
+    `bad_inputs.count()` / `.reset()` read the count over all worker processes.
+    """
+
+    def __init__(self, config, name, train, substitute_black_on_error=False, max_tries=10):
+        self.name, self.train, self.max_tries = name, train, max_tries
+        self.video_root = Path(config_value(config, "video_root", name))
+        self.image_size = config_value(config, "image_size", name)
+        self.num_frm = config_value(config, "num_frm_train" if train else "num_frm_test", name)
+        self.max_words = config.get("max_words", DEFAULT_MAX_WORDS)
+        if train:
+            self.strategy = config.get("frm_sampling_strategy", "rand")
+            self.decode_size = max(config.get("video_resize", DEFAULT_VIDEO_RESIZE), self.image_size)
+            self.transform = VideoTrainTransform(self.image_size)
+        else:
+            self.strategy, self.decode_size = "uniform", self.image_size
+            self.transform = EvalTransform(self.image_size)
+        self.substitute_black_on_error = substitute_black_on_error
+        self.bad_inputs = BadInputLog()
+
+    def load_video(self, path):
+        try:
+            clip = read_video(path, self.num_frm, self.strategy, self.decode_size)
+        except VideoReadError as err:
+            if not (self.train or self.substitute_black_on_error):
+                raise
+            self.bad_inputs.record(path, err)
+            if self.train:
+                raise
+            clip = torch.zeros(self.num_frm, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        return self.transform(clip)
+
+    def item(self, index):
+        raise NotImplementedError
+
+    def __getitem__(self, index):
+        if not self.train:
+            return self.item(index)
+        for _ in range(self.max_tries):
+            try:
+                return self.item(index)
+            except VideoReadError:
+                index = random.randrange(len(self))
+        raise RuntimeError(f"{self.name}: {self.max_tries} unreadable inputs in a row; "
+                           f"see {self.bad_inputs.paths()[:5]}")
+
+
+class PretrainDataset(ClipDataset):
+    """JSON arrays of {"path", "caption"}; video paths decode as clips, other paths as
+    images repeated num_frm_train times. Relative paths resolve against video_root."""
+
+    def __init__(self, config, name, split="train", **options):
+        if split != "train":
+            raise ValueError(f"{name} has only a 'train' split, got {split!r}")
+        super().__init__(config, name, train=True, **options)
+        files = config_value(config, "train_file", name)
+        entries = [entry for path in ([files] if isinstance(files, str) else files)
+                   for entry in read_json(path, f"{name} train_file")]
+        self.items = drop_missing([(self.video_root / e["path"], e["caption"]) for e in entries],
+                                  lambda item: item[0], name)
+        self.image_transform = ImageTrainTransform(self.image_size, self.num_frm)
+
+    def __len__(self):
+        return len(self.items)
+
+    def load_image(self, path):
+        try:
+            image = decode_image(str(path), mode=ImageReadMode.RGB)
+        except Exception as err:
+            self.bad_inputs.record(path, err)
+            raise VideoReadError(path, err) from err
+        return self.image_transform(image)
+
+    def item(self, index):
+        path, caption = self.items[index]
+        is_video = path.suffix.lower() in VIDEO_EXTENSIONS
+        clip = self.load_video(path) if is_video else self.load_image(path)
+        return clip, pre_caption(caption, self.max_words)
+
+
+class RetrievalTrainDataset(ClipDataset):
+    """Items (clip, caption, video index); the index numbers the split's distinct videos."""
+
+    def __init__(self, config, name, pairs, **options):
+        super().__init__(config, name, train=True, **options)
+        pairs = drop_missing([(self.video_root / video, text) for video, text in pairs], lambda p: p[0], name)
+        video_index = {}
+        self.items = [(video, pre_caption(text, self.max_words), video_index.setdefault(video, len(video_index)))
+                      for video, text in pairs]
+
+    def __len__(self):
+        return len(self.items)
+
+    def item(self, index):
+        video, caption, video_index = self.items[index]
+        return self.load_video(video), caption, video_index
+
+
+class RetrievalEvalDataset(ClipDataset):
+    """Iterates over distinct videos -> (clip, video index); `.text`, `.video`,
+    `.txt2video` and `.video2txt` hold the texts and the mappings for the metrics."""
+
+    def __init__(self, config, name, pairs, **options):
+        super().__init__(config, name, train=False, **options)
+        pairs = drop_missing([(self.video_root / video, text) for video, text in pairs], lambda p: p[0], name)
+        video_index = {}
+        self.text, self.txt2video = [], []
+        for video, text in pairs:
+            self.text.append(pre_caption(text, self.max_words))
+            self.txt2video.append(video_index.setdefault(video, len(video_index)))
+        self.video = list(video_index)
+        self.video2txt = [[] for _ in self.video]
+        for text_id, video_id in enumerate(self.txt2video):
+            self.video2txt[video_id].append(text_id)
+
+    def __len__(self):
+        return len(self.video)
+
+    def item(self, index):
+        return self.load_video(self.video[index]), index
+
+
+def build_retrieval(config, name, split="train", reader=None, **options):
+    pairs = reader(config_value(config, "ann_root", name), split)
+    dataset_class = RetrievalTrainDataset if split == "train" else RetrievalEvalDataset
+    return dataset_class(config, name, pairs, **options)
+
+
+class VideoQADataset(ClipDataset):
+    """ActivityNet-QA. Train items: (clip, question, answers, weights); evaluation items:
+    (clip, question, question_id). `.answer_list` holds the candidates for rank
+    evaluation; `.answers` and `.question_types` map question_id to ground truth."""
+
+    def __init__(self, config, name, split="train", **options):
+        super().__init__(config, name, train=split == "train", **options)
+        ann_root = Path(config_value(config, "ann_root", name))
+        questions = read_json(ann_root / f"{split}_q.json", f"{name} questions")
+        answer_rows = read_json(ann_root / f"{split}_a.json", f"{name} answers")
+        answers = defaultdict(list)
+        for row in answer_rows:
+            answers[row["question_id"]].append(row["answer"])
+        self.answers = {qid: values[0] for qid, values in answers.items()}
+        self.question_types = {row["question_id"]: row["type"] for row in answer_rows if "type" in row}
+        items = [(self.video_path(q["video_name"]), pre_question(q["question"]), q["question_id"],
+                  answers[q["question_id"]]) for q in questions]
+        self.items = drop_missing(items, lambda item: item[0], name)
+        self.question_ids = [item[2] for item in self.items]
+        self.answer_list = self.read_answer_list(config, ann_root, split, answer_rows)
+
+    def video_path(self, video_name):
+        """video_root/v_<name>.mp4, else .webm; None when neither exists."""
+        for extension in (".mp4", ".webm"):
+            path = self.video_root / f"v_{video_name}{extension}"
+            if path.is_file():
+                return path
+        return None
+
+    def read_answer_list(self, config, ann_root, split, answer_rows):
+        if config.get("answer_list"):
+            return read_json(config["answer_list"], f"{self.name} answer_list")
+        if split != "train":
+            answer_rows = read_json(ann_root / "train_a.json", f"{self.name} answers (for the answer list)")
+        return list(dict.fromkeys(row["answer"] for row in answer_rows))
+
+    def __len__(self):
+        return len(self.items)
+
+    def item(self, index):
+        video, question, question_id, answers = self.items[index]
+        clip = self.load_video(video)
+        if not self.train:
+            return clip, question, question_id
+        counts = Counter(answers)
+        return clip, question, list(counts), [count / len(answers) for count in counts.values()]
+
+
+RETRIEVAL_READERS = {
+    "retrieval_queryd": read_queryd,
+    "retrieval_didemo": read_didemo,
+    "retrieval_activitynet": read_activitynet,
+    "retrieval_condensedmovies": read_condensedmovies,
+}
+DATASETS = {
+    "pretrain": PretrainDataset,
+    "pretrain_image": PretrainDataset,  # --sep_img: the image config's train_file, same reader
+    "activitynet_qa": VideoQADataset,
+    **{name: partial(build_retrieval, reader=reader) for name, reader in RETRIEVAL_READERS.items()},
+}
+SPLITS = ("train", "val", "test")
+
+
+def create_dataset(name, config, split="train", **options):
+    """Build dataset `name` for `split` ('train', 'val' or 'test'); options:
+    substitute_black_on_error (evaluation), max_tries (training)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return DATASETS[name](config, name, split, **options)

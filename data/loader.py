@@ -1,0 +1,57 @@
+"""Samplers, evaluation sharding, the QA collate and the DataLoader factory."""
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from .video import worker_init_fn
+
+
+def shard_indices(num_items, num_replicas, rank):
+    """Rank `rank`'s contiguous slice of range(num_items). The slices are disjoint and their
+    union, concatenated in rank order, is exactly range(num_items): gathering per-rank
+    results in rank order restores dataset order without padded duplicates."""
+    return range(rank * num_items // num_replicas, (rank + 1) * num_items // num_replicas)
+
+
+class EvalShardSampler(Sampler):
+    def __init__(self, dataset, num_replicas, rank):
+        self.indices = shard_indices(len(dataset), num_replicas, rank)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def create_sampler(datasets, shuffles, num_tasks, global_rank, seed=0):
+    """Training (shuffle=True): DistributedSampler reshuffled per epoch from seed + epoch
+    (the loop calls sampler.set_epoch(epoch)). Evaluation: EvalShardSampler."""
+    return [DistributedSampler(dataset, num_replicas=num_tasks, rank=global_rank, shuffle=True, seed=seed)
+            if shuffle else EvalShardSampler(dataset, num_tasks, global_rank)
+            for dataset, shuffle in zip(datasets, shuffles)]
+
+
+def vqa_collate_fn(batch):
+    """QA training batch -> (videos, questions, answers (flat), weights (flat tensor), n), where
+    n[i] is the number of answers of question i."""
+    videos, questions, answers, weights, counts = [], [], [], [], []
+    for video, question, item_answers, item_weights in batch:
+        videos.append(video)
+        questions.append(question)
+        answers += item_answers
+        weights += item_weights
+        counts.append(len(item_answers))
+    return torch.stack(videos), questions, answers, torch.tensor(weights), counts
+
+
+def create_loader(datasets, samplers, batch_size, num_workers, is_trains, collate_fns, pin_memory=True):
+    """One DataLoader per dataset; training loaders drop the last partial batch. Workers
+    decode single-threaded (worker_init_fn) so num_workers processes share the CPU."""
+    loaders = []
+    for dataset, sampler, size, workers, is_train, collate_fn in zip(
+            datasets, samplers, batch_size, num_workers, is_trains, collate_fns):
+        loaders.append(DataLoader(
+            dataset, batch_size=size, num_workers=workers, pin_memory=pin_memory, sampler=sampler,
+            shuffle=is_train and sampler is None, collate_fn=collate_fn, drop_last=is_train,
+            worker_init_fn=worker_init_fn, persistent_workers=False))
+    return loaders

@@ -1,0 +1,132 @@
+"""Frame sampling (pure functions) and video decoding with decord, falling back to PyAV.
+
+Readers return the sampled frames as a uint8 tensor laid out (T, C, H, W), the layout the
+transforms and the batch interface use.
+"""
+import math
+import random
+
+import numpy as np
+import torch
+
+try:
+    import decord
+except ImportError:  # no decord wheel on this platform: PyAV reads everything
+    decord = None
+import av
+
+STRATEGIES = ("uniform", "nlvl_uniform", "nlvl_rand", "rand", "headtail")
+
+# 0 lets the decoders pick their own thread count; DataLoader workers set it to 1 so that
+# num_workers processes do not each start a decoder thread per core.
+_decode_threads = 0
+
+
+class VideoReadError(RuntimeError):
+    def __init__(self, path, reason):
+        super().__init__(f"cannot decode video {path}: {reason}")
+        self.path = str(path)
+
+
+def worker_init_fn(worker_id):
+    global _decode_threads
+    _decode_threads = 1
+    torch.set_num_threads(1)
+
+
+def frame_range(vlen, start=None, end=None, fps=None):
+    """[first, last) frame range for optional start/end times (seconds); never empty."""
+    first, last = 0, vlen
+    if fps:
+        if start is not None:
+            first = min(max(int(start * fps), 0), vlen - 1)
+        if end is not None:
+            last = min(max(int(math.ceil(end * fps)), first + 1), vlen)
+    return first, last
+
+
+def _sorted_draw(first, last, count, rng):
+    """`count` sorted random indices in [first, last): distinct when the range allows,
+    otherwise every frame once plus random repeats so the count is always met."""
+    span = max(last - first, 1)
+    if span >= count:
+        picks = rng.sample(range(span), count)
+    else:
+        picks = list(range(span)) + [rng.randrange(span) for _ in range(count - span)]
+    return sorted(first + p for p in picks)
+
+
+def sample_frame_indices(vlen, num_frm, strategy="uniform", rng=None, start=None, end=None, fps=None):
+    """Choose exactly `num_frm` frame indices out of `vlen` frames (spec: sampling strategies)."""
+    if vlen < 1:
+        raise ValueError(f"cannot sample frames from a clip with {vlen} frames")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown frm_sampling_strategy {strategy!r}; expected one of {STRATEGIES}")
+    rng = rng or random
+    first, last = frame_range(vlen, start, end, fps)
+    span = last - first
+    stride = span / num_frm
+    if strategy in ("uniform", "nlvl_uniform"):
+        return [first + int(i * stride) for i in range(num_frm)]
+    if strategy == "nlvl_rand":
+        return [min(first + int((i + rng.random()) * stride), last - 1) for i in range(num_frm)]
+    if strategy == "rand":
+        return _sorted_draw(first, last, num_frm, rng)
+    middle = first + span // 2
+    head = _sorted_draw(first, max(middle, first + 1), num_frm // 2, rng)
+    return head + _sorted_draw(middle, last, num_frm - num_frm // 2, rng)
+
+
+def _decord_read(path, num_frm, strategy, size, rng, start, end):
+    kwargs = {"width": size, "height": size} if size else {}
+    reader = decord.VideoReader(str(path), num_threads=_decode_threads, **kwargs)
+    indices = sample_frame_indices(len(reader), num_frm, strategy, rng, start, end, reader.get_avg_fps())
+    frames = reader.get_batch(indices).asnumpy()
+    return torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()
+
+
+def _pyav_read(path, num_frm, strategy, size, rng, start, end):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_count = _decode_threads
+        fps = float(stream.average_rate or 0) or None
+        vlen = stream.frames
+        if vlen <= 0:  # containers without a frame count (e.g. some mkv/webm): count by decoding
+            vlen = sum(1 for _ in container.decode(stream))
+            container.seek(0)
+        indices = sample_frame_indices(vlen, num_frm, strategy, rng, start, end, fps)
+        wanted = set(indices)
+        decoded = {}
+        for position, frame in enumerate(container.decode(stream)):
+            if position in wanted:
+                width, height = (size, size) if size else (frame.width, frame.height)
+                decoded[position] = frame.to_ndarray(
+                    width=width, height=height, format="rgb24", interpolation="BICUBIC")
+            if position >= indices[-1]:
+                break
+    missing = wanted.difference(decoded)
+    if missing:
+        raise EOFError(f"stream ended before frame {min(missing)} of {vlen} listed frames")
+    return torch.from_numpy(np.stack([decoded[i] for i in indices])).permute(0, 3, 1, 2).contiguous()
+
+
+def read_video(path, num_frm, strategy="uniform", size=None, rng=None, start=None, end=None, backend=None):
+    """Decode `num_frm` sampled frames of `path`, resized to size x size when `size` is set.
+
+    backend: None tries decord then PyAV (for files decord rejects); 'decord' or 'pyav' forces one.
+    Raises VideoReadError naming the path when no reader can decode the file.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown frm_sampling_strategy {strategy!r}; expected one of {STRATEGIES}")
+    readers = {"decord": _decord_read, "pyav": _pyav_read}
+    if backend is None:
+        names = ["decord", "pyav"] if decord is not None else ["pyav"]
+    else:
+        names = [backend]
+    failures = []
+    for name in names:
+        try:
+            return readers[name](path, num_frm, strategy, size, rng, start, end)
+        except Exception as err:  # decoders raise many types (DECORDError, av.error.*, OSError, ...)
+            failures.append(f"{name}: {type(err).__name__}: {err}")
+    raise VideoReadError(path, "; ".join(failures))
