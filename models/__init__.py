@@ -1,0 +1,65 @@
+"""Model builders: each takes the YAML config dict and an optional checkpoint path."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.blip_pretrain import VideoPretrainModel
+from models.checkpoint import load_checkpoint
+from models.med import BertConfig, BertLMHeadModel, BertModel
+from models.testa_retrieval import VideoRetrievalModel
+from models.testa_vqa import VideoQAModel
+from models.timesformer import build_video_encoder
+from models.tokenizer import init_tokenizer
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _text_config(config: dict, default_file: str, vision_width: int, vocab_size: int) -> BertConfig:
+    path = config.get("med_config") or str(CONFIG_DIR / default_file)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"BERT config not found: {path} (config key 'med_config')")
+    text_config = BertConfig.from_json_file(path)
+    text_config.encoder_width = vision_width
+    # [DEC] and [ENC] extend the BERT vocabulary (30522 -> 30524), as in BLIP.
+    text_config.vocab_size = vocab_size
+    return text_config
+
+
+def _load(model, checkpoint: str | None):
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+def build_retrieval_model(config: dict, checkpoint: str | None = None) -> VideoRetrievalModel:
+    tokenizer = init_tokenizer(config.get("tokenizer"))
+    visual_encoder = build_video_encoder(config)
+    text_config = _text_config(config, "med_config.json", visual_encoder.embed_dim, len(tokenizer))
+    model = VideoRetrievalModel(visual_encoder, BertModel(text_config, add_pooling_layer=False), tokenizer,
+                                embed_dim=config.get("embed_dim", 256), queue_size=config["queue_size"],
+                                momentum=config.get("momentum", 0.995),
+                                negative_all_rank=config.get("negative_all_rank", False),
+                                max_words=config.get("max_words", 35))
+    return _load(model, checkpoint)
+
+
+def build_qa_model(config: dict, checkpoint: str | None = None) -> VideoQAModel:
+    tokenizer = init_tokenizer(config.get("tokenizer"))
+    visual_encoder = build_video_encoder(config)
+    text_config = _text_config(config, "med_config.json", visual_encoder.embed_dim, len(tokenizer))
+    decoder_config = _text_config(config, "med_config.json", visual_encoder.embed_dim, len(tokenizer))
+    model = VideoQAModel(visual_encoder, BertModel(text_config, add_pooling_layer=False),
+                         BertLMHeadModel(decoder_config), tokenizer)
+    return _load(model, checkpoint)
+
+
+def build_pretrain_model(config: dict, checkpoint: str | None = None) -> VideoPretrainModel:
+    tokenizer = init_tokenizer(config.get("tokenizer"))
+    visual_encoder = build_video_encoder(config)
+    text_config = _text_config(config, "bert_config.json", visual_encoder.embed_dim, len(tokenizer))
+    decoder_config = _text_config(config, "bert_config.json", visual_encoder.embed_dim, len(tokenizer))
+    model = VideoPretrainModel(visual_encoder, BertModel(text_config, add_pooling_layer=False),
+                               BertLMHeadModel(decoder_config), tokenizer,
+                               embed_dim=config.get("embed_dim", 256), queue_size=config["queue_size"],
+                               momentum=config.get("momentum", 0.995))
+    return _load(model, checkpoint)

@@ -1,0 +1,118 @@
+"""Token aggregation for TESTA: bipartite soft matching of tokens and of whole frames.
+
+A matching is computed once from a metric (attention keys averaged over heads) and then
+applied to any tensor laid out along the same token axis (features, sizes, sources), so
+that one decision moves every per-token quantity consistently.
+
+Conventions: set A = even positions, set B = odd positions. Each A token looks up its
+most similar B token; the ``r`` best-scoring A tokens are merged into their partners.
+Output order is [A tokens that stay, in original order] + [all B tokens, in order].
+"""
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class Matching(NamedTuple):
+    """Which input rows survive and where the merged-away rows go.
+
+    All index tensors have a leading group shape (e.g. one row per frame) and index the
+    token axis of the tensor the matching is applied to.
+    """
+
+    output_rows: Tensor  # (G, n - r): input row feeding each output slot
+    merged_rows: Tensor  # (G, r): input rows merged away
+    merged_slots: Tensor  # (G, r): output slot each merged row is added into
+
+    def broadcast(self, reshape) -> "Matching":
+        """Reshape every index tensor (e.g. add broadcast dims to match a token layout)."""
+        return Matching(*(reshape(index) for index in self))
+
+
+def clamp_r(r: int, num_tokens: int, num_protected: int = 0) -> int:
+    """Largest usable r: at most half of the tokens that may merge."""
+    if r < 0:
+        raise ValueError(f"merge count r must be >= 0, got {r}")
+    return max(0, min(r, (num_tokens - num_protected) // 2))
+
+
+def _unit_scores(metric: Tensor) -> Tensor:
+    """Cosine similarity of every A (even) token with every B (odd) token."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    return metric[..., ::2, :] @ metric[..., 1::2, :].transpose(-1, -2)
+
+
+def _select(score: Tensor, partner: Tensor, r: int, num_tokens: int) -> Matching:
+    """Turn per-A-token best scores/partners (G, n_a) into a Matching that merges the top r."""
+    order = score.argsort(dim=-1, descending=True)
+    merged_a = order[..., :r]
+    # Sorting the survivors keeps them in their original order (and a protected first token first).
+    kept_a = order[..., r:].sort(dim=-1).values
+    num_kept = kept_a.shape[-1]
+    b_rows = torch.arange(1, num_tokens, 2, device=score.device).expand(*score.shape[:-1], -1)
+    return Matching(
+        output_rows=torch.cat([2 * kept_a, b_rows], dim=-1),
+        merged_rows=2 * merged_a,
+        merged_slots=num_kept + partner.gather(-1, merged_a),
+    )
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, protect_first: bool = False) -> Matching:
+    """Match tokens of ``metric`` (G, n, C) and merge the r most similar A tokens.
+
+    ``protect_first`` keeps token 0 (a [CLS]) out of the merge by giving it score -inf;
+    r is clamped to half the unprotected tokens.
+    """
+    num_tokens = metric.shape[-2]
+    r = clamp_r(r, num_tokens, int(protect_first))
+    scores = _unit_scores(metric)
+    if protect_first:
+        scores[..., 0, :] = -torch.inf
+    best_score, partner = scores.max(dim=-1)
+    return _select(best_score, partner, r, num_tokens)
+
+
+def frame_matching(metric: Tensor, r: int, num_protected: int = 0) -> Matching:
+    """Match whole frames by a vote over patch positions.
+
+    ``metric`` is (B, L, T, C): per patch position, the temporal keys of each frame.
+    Every patch position scores A frames against B frames; an A frame's partner is the
+    most frequent per-position best partner and its score the most frequent per-position
+    best score (``torch.mode``: ties go to the smallest value, i.e. the smallest frame
+    index). ``num_protected`` only tightens the cap on r (the released models were
+    trained with the [CLS] cap applied to frames too).
+    """
+    num_frames = metric.shape[-2]
+    r = clamp_r(r, num_frames, num_protected)
+    best_score, best_partner = _unit_scores(metric).max(dim=-1)  # (B, L, T_a)
+    partner = best_partner.mode(dim=1).values
+    score = best_score.mode(dim=1).values
+    return _select(score, partner, r, num_frames)
+
+
+def apply_matching(x: Tensor, matching: Matching, dim: int) -> Tensor:
+    """Sum-merge ``x`` along ``dim``: survivors gathered, merged rows added into their slots.
+
+    The matching's index tensors must already have ``x``'s number of dims (size 1 where
+    they broadcast, see ``Matching.broadcast``).
+    """
+    def expand(index: Tensor) -> Tensor:
+        shape = list(x.shape)
+        shape[dim] = index.shape[dim]
+        return index.expand(shape)
+
+    out = x.gather(dim, expand(matching.output_rows))
+    merged = x.gather(dim, expand(matching.merged_rows))
+    return out.scatter_add_(dim, expand(matching.merged_slots), merged)
+
+
+def merge_weighted(x: Tensor, size: Tensor, matching: Matching, dim: int) -> tuple:
+    """Size-weighted mean merge: new = sum(size * x) / sum(size); sizes add up.
+
+    ``size`` broadcasts against ``x`` (trailing feature dim of 1): how many original
+    tokens each token stands for.
+    """
+    total = apply_matching(x * size, matching, dim)
+    size = apply_matching(size, matching, dim)
+    return total.div_(size), size
