@@ -42,9 +42,6 @@ class BertConfig:
         with open(path, encoding="utf-8") as f:
             return cls(**json.load(f))
 
-    def to_dict(self):
-        return dict(vars(self))
-
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -133,8 +130,8 @@ class BertSelfAttention(nn.Module):
     def forward(self, hidden_states, mask, key_value_states=None, past_key_value=None):
         """Returns the attended values and the (key, value) heads to cache for the next step."""
         source = hidden_states if key_value_states is None else key_value_states
-        query, key, value = self._heads(self.query(hidden_states)), self._heads(self.key(source)), \
-            self._heads(self.value(source))
+        query = self._heads(self.query(hidden_states))
+        key, value = self._heads(self.key(source)), self._heads(self.value(source))
         if past_key_value is not None:
             key = torch.cat([past_key_value[0], key], dim=2)
             value = torch.cat([past_key_value[1], value], dim=2)

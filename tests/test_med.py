@@ -270,3 +270,32 @@ def test_nucleus_sampling_is_reproducible_with_a_seed(decoder_and_states):
     torch.manual_seed(3)
     assert torch.equal(first, decoder.generate(prompt, **kwargs))
     assert first.shape[1] <= 10 and (first[:, 1:3] != 2).all()
+
+
+def test_resize_keeps_rows_and_updates_a_shared_config():
+    config = tiny_config()
+    decoder = BertLMHeadModel(config)
+    old_rows = decoder.bert.embeddings.word_embeddings.weight.detach().clone()
+    decoder.resize_token_embeddings(43)
+    # BLIP builds its momentum encoder from the same config object after resizing.
+    assert config.vocab_size == 43 and BertModel(config).embeddings.word_embeddings.num_embeddings == 43
+    predictions = decoder.cls.predictions
+    assert torch.equal(decoder.bert.embeddings.word_embeddings.weight[:40], old_rows)
+    assert predictions.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
+    assert predictions.bias is predictions.decoder.bias and predictions.bias.shape == (43,)
+    assert decoder(torch.tensor([[1, 42]]), mode="text").logits.shape == (1, 2, 43)
+
+
+def test_training_mode_uses_dropout_and_trains_the_tied_head():
+    decoder = BertLMHeadModel(tiny_config()).train()
+    ids = torch.randint(3, 40, (2, 6))
+    states = torch.randn(2, 5, 12)
+    first = decoder(ids, encoder_hidden_states=states, labels=ids)
+    assert not torch.allclose(first.logits, decoder(ids, encoder_hidden_states=states).logits)
+    first.loss.backward()
+    embeddings = decoder.bert.embeddings.word_embeddings.weight
+    assert embeddings.grad is not None and decoder.cls.predictions.bias.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="reduction"):
+        decoder(ids, encoder_hidden_states=states, labels=ids, reduction="sum")
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        decoder(ids)
