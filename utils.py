@@ -754,6 +754,7 @@ def atomic_torch_save(obj, path) -> None:
     A crash mid-write leaves any previous file at `path` intact. Callers guard the rank.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(temporary, "wb") as handle:

@@ -1,0 +1,79 @@
+"""Gather helpers, metric reduction and per-rank RNG checkpoints under 2 gloo processes."""
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+import utils
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _StatelessOptimizer:
+    """Stands in for torch.optim here: building one imports torch._dynamo, seconds per process."""
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        assert state == {}
+
+
+def _worker(rank, port, output_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = utils.init_distributed("cpu")
+    try:
+        assert device == torch.device("cpu") and utils.get_world_size() == 2
+        assert utils.get_rank() == rank and utils.is_main_process() == (rank == 0)
+
+        gathered = utils.concat_all_gather(torch.full((1, 2), float(rank)))
+        assert gathered.tolist() == [[0.0, 0.0], [1.0, 1.0]]
+
+        # Each rank's loss weighs both gathered slices; a slice's gradient sums over ranks.
+        x = torch.tensor([rank + 1.0], requires_grad=True)
+        everyone = utils.all_gather_with_grad(x * 1.0)
+        assert everyone.tolist() == [1.0, 2.0]
+        (everyone * torch.tensor([10.0, 100.0]) * (rank + 1)).sum().backward()
+        assert x.grad.item() == [30.0, 300.0][rank]
+
+        assert utils.gather_objects({"rank": rank}) == [{"rank": 0}, {"rank": 1}]
+        merged = utils.merge_rank_results([[{"question_id": 1}, {"question_id": 3}],
+                                           [{"question_id": 2}, {"question_id": 1}]][rank])
+        assert [item["question_id"] for item in merged] == [1, 2, 3]
+        assert utils.shard_bounds(5) == [(0, 3), (3, 5)][rank]
+        assert utils.all_reduce_sum(torch.tensor([rank + 1.0])).item() == 3.0
+
+        logger = utils.MetricLogger()
+        logger.update(loss=1.0 + 2 * rank)
+        logger.synchronize_between_processes()
+        assert logger.global_averages() == {"loss": 2.0}
+
+        # Each rank saves and gets back its own RNG state.
+        checkpointer = utils.Checkpointer(output_dir, torch.nn.Linear(2, 2), _StatelessOptimizer(),
+                                          utils.make_precision("none", "cpu"), {})
+        utils.seed_everything(utils.seed_for_rank(0))
+        checkpointer.save("checkpoint_last.pth", 0, epoch_complete=True)
+        expected = torch.rand(4)
+        checkpointer.resume()
+        assert torch.equal(torch.rand(4), expected)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_gather_helpers_and_rng_checkpoint_with_two_processes(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    state = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
+    assert len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+
+
+def test_single_process_fallbacks():
+    x = torch.ones(2, 3, requires_grad=True)
+    assert utils.all_gather_with_grad(x) is x and utils.concat_all_gather(x) is x
+    assert utils.gather_objects(5) == [5] and utils.shard_bounds(7) == (0, 7)
