@@ -251,6 +251,10 @@ def test_beam_search_escapes_the_greedy_trap():
     table[4, 1] = 5.0
     settings.update(max_length=6, min_length=0)
     assert beam_search(markov_step(table), start, 2, **settings).tolist() == [[2, 4, 1]]
+    # Greedy pads a row that has finished while another is still running.
+    two_starts = torch.tensor([[4], [3]])
+    greedy = sample_or_greedy(markov_step(table), two_starts, do_sample=False, top_p=1.0, top_k=0, **settings)
+    assert greedy[0].tolist()[:3] == [4, 1, 0] and (greedy[0, 2:] == 0).all() and 1 not in greedy[1].tolist()
 
 
 def test_nucleus_filter_keeps_the_smallest_top_set():
@@ -299,3 +303,30 @@ def test_training_mode_uses_dropout_and_trains_the_tied_head():
         decoder(ids, encoder_hidden_states=states, labels=ids, reduction="sum")
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         decoder(ids)
+
+
+def key_file_entries(stem, prefix):
+    lines = (KEYS_DIR / f"{stem}_state_dict.txt").read_text().splitlines()
+    return [(name[len(prefix):], shape, dtype) for name, shape, dtype in (line.split("\t") for line in lines)
+            if name.startswith(prefix)]
+
+
+def state_entries(module):
+    return [(name, str(list(t.shape)), str(t.dtype).replace("torch.", "")) for name, t in module.state_dict().items()]
+
+
+@pytest.mark.parametrize("stem, config_name, resize_to", [
+    ("testa_vqa_activitynet_f32", "med_config.json", None),
+    ("blip_pretrain_timesformer", "bert_config.json", 30524),
+])
+def test_base_size_keys_match_the_released_checkpoints(stem, config_name, resize_to):
+    config_dir = Path(__file__).resolve().parents[1] / "configs"
+    # The meta device gives names, shapes and dtypes without allocating base-size weights.
+    with torch.device("meta"):
+        encoder = BertModel(BertConfig.from_json_file(config_dir / config_name))
+        decoder = BertLMHeadModel(BertConfig.from_json_file(config_dir / config_name))
+        if resize_to is not None:
+            encoder.resize_token_embeddings(resize_to)
+            decoder.resize_token_embeddings(resize_to)
+    assert state_entries(encoder) == key_file_entries(stem, "text_encoder.")
+    assert state_entries(decoder) == key_file_entries(stem, "text_decoder.")
