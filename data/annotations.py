@@ -30,8 +30,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     tuples need no global lookup; every other global (os.system, eval, any class) is refused
     before it is called, so a crafted annotation file cannot run code."""
 
-    SAFE_GLOBALS = {("builtins", name) for name in ("set", "frozenset", "list", "dict", "tuple", "str", "int",
-                                                    "float", "bool", "complex", "bytes", "bytearray")}
+    SAFE_GLOBALS = {(module, name) for module in ("builtins", "__builtin__")  # __builtin__: protocol < 3
+                    for name in ("set", "frozenset", "list", "dict", "tuple", "str", "int", "float", "bool",
+                                 "complex", "bytes", "bytearray")}
     SAFE_GLOBALS.add(("collections", "OrderedDict"))
 
     def find_class(self, module, name):

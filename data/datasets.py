@@ -6,9 +6,10 @@ from collections import Counter, defaultdict
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 
 from .annotations import read_activitynet, read_condensedmovies, read_didemo, read_json, read_queryd
 from .bad_inputs import BadInputLog
@@ -107,7 +108,8 @@ class PretrainDataset(ClipDataset):
 
     def load_image(self, path):
         try:
-            image = decode_image(str(path), mode=ImageReadMode.RGB)
+            with Image.open(path) as picture:
+                image = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1).contiguous()
         except Exception as err:
             self.bad_inputs.record(path, err)
             raise VideoReadError(path, err) from err

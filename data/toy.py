@@ -63,8 +63,10 @@ def describe(events):
     return [first, "then " + second]
 
 
-def write_mp4(path, frames, fps=FPS):
-    with av.open(str(path), mode="w") as container:
+def write_mp4(path, frames, fps=FPS, faststart=False):
+    """faststart puts the index before the frames, so a truncated copy still opens."""
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), mode="w", options=options) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"

@@ -1,0 +1,146 @@
+"""Pure parts of the data pipeline: sampling, text, sharding, transforms, collate, unpickler."""
+import os
+import pickle
+import random
+
+import pytest
+import torch
+
+from data.annotations import restricted_loads
+from data.loader import EvalShardSampler, create_sampler, shard_indices, vqa_collate_fn
+from data.text import pre_caption, pre_question
+from data.transforms import (AUGMENT_OPS, MEAN, STD, EvalTransform, ImageTrainTransform, VideoTrainTransform,
+                             normalize)
+from data.video import STRATEGIES, sample_frame_indices
+
+
+def test_uniform_positions_and_nlvl_uniform_match():
+    assert sample_frame_indices(100, 4, "uniform") == [0, 25, 50, 75]
+    assert sample_frame_indices(10, 4, "uniform") == [0, 2, 5, 7]
+    assert sample_frame_indices(10, 4, "nlvl_uniform") == sample_frame_indices(10, 4, "uniform")
+
+
+def test_nlvl_rand_stays_within_each_stride():
+    for seed in range(20):
+        indices = sample_frame_indices(100, 8, "nlvl_rand", random.Random(seed))
+        assert all(int(12.5 * i) <= index < 12.5 * (i + 1) for i, index in enumerate(indices))
+
+
+def test_rand_is_distinct_and_sorted():
+    indices = sample_frame_indices(50, 16, "rand", random.Random(1))
+    assert indices == sorted(set(indices)) and len(indices) == 16 and max(indices) < 50
+
+
+def test_headtail_draws_half_from_each_half():
+    indices = sample_frame_indices(100, 8, "headtail", random.Random(2))
+    assert indices == sorted(indices)
+    assert all(i < 50 for i in indices[:4]) and all(50 <= i < 100 for i in indices[4:])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("vlen", [1, 3, 7])
+def test_short_clips_still_give_num_frm_indices(strategy, vlen):
+    indices = sample_frame_indices(vlen, 8, strategy, random.Random(0))
+    assert len(indices) == 8 and indices == sorted(indices) and 0 <= min(indices) and max(indices) < vlen
+    if vlen > 1 and strategy in ("rand", "headtail"):
+        assert set(indices) == set(range(vlen))  # every frame used before any repeat
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_start_end_times_limit_the_range(strategy):
+    indices = sample_frame_indices(300, 8, strategy, random.Random(3), start=2.0, end=4.0, fps=30)
+    assert len(indices) == 8 and all(60 <= i < 120 for i in indices)
+
+
+def test_sampling_is_deterministic_given_a_seed_and_rejects_unknown_strategy():
+    assert sample_frame_indices(90, 8, "rand", random.Random(5)) == sample_frame_indices(90, 8, "rand", random.Random(5))
+    with pytest.raises(ValueError, match="headtail"):
+        sample_frame_indices(90, 8, "middle")
+
+
+def test_pre_caption_and_pre_question():
+    assert pre_caption('  A "Red" (circle)!  moves #left~ ', max_words=50) == "a red circle moves left"
+    assert pre_caption("one two three four", max_words=2) == "one two"
+    assert pre_question("What colour: is it; (the *ball*)?  ") == "what colour is it the ball?"
+    assert pre_question(" ".join(["w"] * 60)).count("w") == 50
+
+
+@pytest.mark.parametrize("num_items,world", [(10, 3), (7, 8), (64, 4), (0, 2)])
+def test_eval_shards_are_disjoint_and_cover_the_dataset_in_order(num_items, world):
+    shards = [list(shard_indices(num_items, world, rank)) for rank in range(world)]
+    assert sum(shards, []) == list(range(num_items))
+    assert list(EvalShardSampler(range(num_items), world, world - 1)) == shards[-1]
+
+
+def test_training_sampler_reshuffles_per_epoch_and_splits_ranks():
+    data = list(range(40))
+    rank0, rank1 = create_sampler([data, data], [True, True], 2, 0)[0], create_sampler([data], [True], 2, 1)[0]
+    rank0.set_epoch(0)
+    rank1.set_epoch(0)
+    epoch0 = list(rank0)
+    assert sorted(epoch0 + list(rank1)) == data
+    rank0.set_epoch(1)
+    assert list(rank0) != epoch0
+    rank0.set_epoch(0)
+    assert list(rank0) == epoch0
+    assert isinstance(create_sampler([data], [False], 2, 0)[0], EvalShardSampler)
+
+
+def test_normalize_uses_the_spec_mean_and_std():
+    clip = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 2).expand(3, 1, 2)
+    out = normalize(clip)
+    for c in range(3):
+        assert out[c, 0, 0].item() == pytest.approx(-MEAN[c] / STD[c], abs=1e-6)
+        assert out[c, 0, 1].item() == pytest.approx((1 - MEAN[c]) / STD[c], abs=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENT_OPS))
+def test_each_augment_op_keeps_shape_and_dtype(name):
+    clip = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8)
+    out = AUGMENT_OPS[name](clip, 5, random.Random(0))
+    assert out.shape == clip.shape and out.dtype == torch.uint8
+
+
+def test_video_train_transform_is_temporally_consistent():
+    frame = torch.randint(0, 256, (1, 3, 40, 40), dtype=torch.uint8)
+    for seed in range(10):
+        out = VideoTrainTransform(32)(frame.expand(4, -1, -1, -1), random.Random(seed))
+        assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
+        assert torch.equal(out[0], out[3])  # same crop and same ops on every frame
+
+
+def test_image_transform_makes_a_pseudo_video():
+    out = ImageTrainTransform(32, num_frm=3)(torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8), random.Random(0))
+    assert out.shape == (3, 3, 32, 32) and torch.equal(out[0], out[2])
+
+
+def test_eval_transform_resizes_deterministically():
+    clip = torch.randint(0, 256, (2, 3, 40, 30), dtype=torch.uint8)
+    assert EvalTransform(16)(clip).shape == (2, 3, 16, 16)
+    assert torch.equal(EvalTransform(16)(clip), EvalTransform(16)(clip))
+
+
+def test_vqa_collate_flattens_answers_with_weights():
+    batch = [(torch.zeros(2, 3, 4, 4), "q1", ["red", "blue"], [0.5, 0.5]), (torch.ones(2, 3, 4, 4), "q2", ["up"], [1.0])]
+    videos, questions, answers, weights, counts = vqa_collate_fn(batch)
+    assert videos.shape == (2, 2, 3, 4, 4) and questions == ["q1", "q2"]
+    assert answers == ["red", "blue", "up"] and weights.tolist() == [0.5, 0.5, 1.0] and counts == [2, 1]
+
+
+class _RunsShell:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_restricted_unpickler_refuses_code_and_loads_plain_data(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"v1": [["a", "b"]], "evil": _RunsShell(marker)})
+    with pytest.raises(pickle.UnpicklingError, match="system"):
+        restricted_loads(payload)
+    assert not marker.exists()
+    plain = {"v1": [["a", "red", "circle"]], "n": (1, 2.5), "s": {1, 2}}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert restricted_loads(pickle.dumps(plain, protocol=protocol)) == plain
