@@ -128,13 +128,20 @@ class BertSelfAttention(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, hidden_states, mask, key_value_states=None, past_key_value=None):
-        """Returns the attended values and the (key, value) heads to cache for the next step."""
-        source = hidden_states if key_value_states is None else key_value_states
+        """Returns the attended values and the (key, value) heads to cache for the next step.
+
+        A cache holds the keys/values of earlier tokens (self-attention: new ones are appended) or of the
+        visual tokens (cross-attention: they do not change between steps, so they are reused as they are).
+        """
         query = self._heads(self.query(hidden_states))
-        key, value = self._heads(self.key(source)), self._heads(self.value(source))
-        if past_key_value is not None:
-            key = torch.cat([past_key_value[0], key], dim=2)
-            value = torch.cat([past_key_value[1], value], dim=2)
+        if key_value_states is not None and past_key_value is not None:
+            key, value = past_key_value
+        else:
+            source = hidden_states if key_value_states is None else key_value_states
+            key, value = self._heads(self.key(source)), self._heads(self.value(source))
+            if past_key_value is not None:
+                key = torch.cat([past_key_value[0], key], dim=2)
+                value = torch.cat([past_key_value[1], value], dim=2)
         context = F.scaled_dot_product_attention(
             query, key, value, attn_mask=None if mask is None else mask.to(query.dtype),
             dropout_p=self.dropout_prob if self.training else 0.0)
@@ -189,11 +196,15 @@ class BertLayer(nn.Module):
 
     def forward(self, hidden_states, mask, encoder_hidden_states=None, encoder_mask=None,
                 past_key_value=None, mode="multimodal"):
-        hidden_states, present = self.attention(hidden_states, mask, past_key_value=past_key_value)
+        """``past_key_value``/returned cache: (self key, self value[, cross key, cross value])."""
+        past = past_key_value or ()
+        hidden_states, present = self.attention(hidden_states, mask, past_key_value=past[:2] or None)
         if mode == "multimodal":
             if not hasattr(self, "crossattention"):
                 raise ValueError("mode='multimodal' needs a config with add_cross_attention=True")
-            hidden_states, _ = self.crossattention(hidden_states, encoder_mask, key_value_states=encoder_hidden_states)
+            hidden_states, cross_present = self.crossattention(hidden_states, encoder_mask, encoder_hidden_states,
+                                                               past[2:] or None)
+            present = present + cross_present
         return self.output(self.intermediate(hidden_states), hidden_states), present
 
 

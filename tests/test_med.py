@@ -211,19 +211,31 @@ def test_cached_greedy_generation_equals_full_recomputation(decoder_and_states):
     assert torch.equal(cached, ids)
 
 
-@torch.no_grad()
 def test_beam_search_lengths_and_per_beam_states(decoder_and_states):
     decoder, states = decoder_and_states
     prompt = torch.tensor([[1], [1]])
-    kwargs = dict(num_beams=3, max_length=8, min_length=4, eos_token_id=2, pad_token_id=0)
-    out = decoder.generate(prompt, encoder_hidden_states=states, **kwargs)
+    eos = 6  # a token this random decoder actually produces, so sequences do end
+    kwargs = dict(num_beams=3, max_length=8, min_length=4, repetition_penalty=3.0, eos_token_id=eos, pad_token_id=0)
+    with torch.no_grad():
+        out = decoder.generate(prompt, encoder_hidden_states=states, **kwargs)
+        unconstrained = decoder.generate(prompt, encoder_hidden_states=states, **{**kwargs, "min_length": 0})
+        repeated = decoder.generate(prompt, encoder_hidden_states=states.repeat_interleave(3, 0), **kwargs)
     assert out.shape[0] == 2 and out.shape[1] <= 8
+    ended = [row.index(eos) for row in out.tolist() if eos in row]
+    assert ended and all(end >= 4 for end in ended)
+    assert any(eos in row[:4] for row in unconstrained.tolist())
     for row in out.tolist():
-        if 2 in row:
-            end = row.index(2)
-            assert end >= 4 and all(t == 0 for t in row[end + 1:])
-    repeated = decoder.generate(prompt, encoder_hidden_states=states.repeat_interleave(3, 0), **kwargs)
+        if eos in row:
+            assert all(t == 0 for t in row[row.index(eos) + 1:])
     assert torch.equal(out, repeated)
+
+    def uncached_step(ids, past):
+        logits = decoder(ids, encoder_hidden_states=states.repeat_interleave(3, 0)).logits[:, -1]
+        return logits, ((torch.zeros(ids.shape[0], 1),),)
+
+    settings = {k: v for k, v in kwargs.items() if k != "num_beams"}
+    with torch.no_grad():
+        assert torch.equal(out, beam_search(uncached_step, prompt, 3, **settings))
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         decoder.generate(prompt, encoder_hidden_states=states[:1], **kwargs)
 
