@@ -1,10 +1,6 @@
-"""Shared training core for the three entry scripts.
-
-Sections: errors and the CLI wrapper, distributed helpers, seeding and RNG state,
-configuration, the argument parser and run set-up, precision, optimiser and learning-rate
-schedules, progress logging, the generic training loop, checkpoints, experiment logging and
-the model summary, metrics.
-"""
+"""Shared training core of video_pretrain.py, train_video_retrieval.py and train_video_qa.py:
+distributed set-up, config, precision, optimiser, schedules, training loop, checkpoints,
+logging and metrics. The scripts parse arguments, build data and model, and call these."""
 import argparse
 import builtins
 import datetime
@@ -25,13 +21,12 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 
-# ----------------------------------------------------------------------------------------
-# Errors and the CLI wrapper
-# ----------------------------------------------------------------------------------------
+# ---- Errors and the CLI wrapper --------------------------------------------------------
 class UserError(Exception):
     """A mistake in the user's input (flags, files, config): reported in one line."""
 
@@ -43,8 +38,7 @@ class ConfigError(UserError):
 def run_cli(main: Callable[[], object]) -> None:
     """Run `main()`; user mistakes print one `error: ...` line to stderr and exit 1.
 
-    Anything else is a bug and keeps its traceback. Under torchrun only rank 0 prints, so
-    a config typo gives one line rather than one per process.
+    Anything else is a bug and keeps its traceback.
     """
     try:
         main()
@@ -53,7 +47,7 @@ def run_cli(main: Callable[[], object]) -> None:
             message = f"file not found: {error.filename}"
         else:
             message = str(error)
-        if get_rank() == 0:
+        if int(os.environ.get("RANK", 0)) == 0:  # one line, not one per process
             print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(1)
     finally:
@@ -61,9 +55,7 @@ def run_cli(main: Callable[[], object]) -> None:
             dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------
-# Distributed helpers
-# ----------------------------------------------------------------------------------------
+# ---- Distributed helpers ---------------------------------------------------------------
 def is_dist_avail_and_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -115,8 +107,8 @@ def init_distributed(device: str) -> torch.device:
     if launched:
         backend = "nccl" if compute_device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, init_method="env://",
-                                rank=int(os.environ["RANK"]),
-                                world_size=int(os.environ["WORLD_SIZE"]))
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                                device_id=compute_device if backend == "nccl" else None)
         print(f"| distributed init (rank {get_rank()} of {get_world_size()}, {backend})", flush=True)
         barrier()
     setup_for_distributed(get_rank() == 0)
@@ -180,14 +172,22 @@ def shard_bounds(num_items: int) -> tuple[int, int]:
     return start, min(num_items, start + per_rank)
 
 
+def wrap_distributed(model: torch.nn.Module, device: torch.device,
+                     find_unused_parameters: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel around `model` when distributed, else the model itself."""
+    if get_world_size() == 1:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the model itself)."""
     return model.module if hasattr(model, "module") else model
 
 
-# ----------------------------------------------------------------------------------------
-# Seeding and RNG state
-# ----------------------------------------------------------------------------------------
+# ---- Seeding and RNG state -------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA) for this process."""
     random.seed(seed)
@@ -195,9 +195,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def seed_for_rank(seed: int, epoch: int = 0) -> int:
-    """A distinct seed per (rank, epoch); epoch-seeding makes an epoch independent of the past."""
-    return seed + get_rank() + 1000 * epoch
+def seed_for_rank(seed: int, epoch: int | None = None) -> int:
+    """seed + rank at start-up; per epoch, a distinct stream so an epoch's randomness does not
+    depend on what ran before it (evaluation, a restart)."""
+    return seed + get_rank() + (0 if epoch is None else 10007 * (epoch + 1))
 
 
 def get_rng_state() -> dict:
@@ -223,9 +224,7 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(python_state), gauss_next))
 
 
-# ----------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------
+# ---- Configuration ---------------------------------------------------------------------
 # Every key the published configs use. A key outside this set is a typo until added here.
 KNOWN_CONFIG_KEYS = frozenset({
     # model
@@ -314,9 +313,7 @@ def require_keys(config: dict, keys, purpose: str) -> None:
         raise ConfigError(f"config is missing {', '.join(missing)} (needed for {purpose})")
 
 
-# ----------------------------------------------------------------------------------------
-# Argument parser and run set-up
-# ----------------------------------------------------------------------------------------
+# ---- Argument parser and run set-up ----------------------------------------------------
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -402,9 +399,7 @@ def setup_run(args: argparse.Namespace) -> Run:
     return Run(args, config, device, output_dir, precision, seed)
 
 
-# ----------------------------------------------------------------------------------------
-# Precision
-# ----------------------------------------------------------------------------------------
+# ---- Precision -------------------------------------------------------------------------
 @dataclass
 class Precision:
     """Autocast settings plus a GradScaler that is a no-op unless fp16 runs on CUDA."""
@@ -438,9 +433,7 @@ def make_precision(method: str, device) -> Precision:
     return Precision(method, device_type, dtype, scaler)
 
 
-# ----------------------------------------------------------------------------------------
-# Optimiser and learning-rate schedules
-# ----------------------------------------------------------------------------------------
+# ---- Optimiser and learning-rate schedules ---------------------------------------------
 # Learned tokens, position/time embeddings and scales: decaying them toward 0 only hurts.
 NO_WEIGHT_DECAY_NAMES = frozenset({"cls_token", "pos_embed", "time_embed", "temporal_scaling", "temp"})
 
@@ -513,11 +506,9 @@ def alpha_ramp(alpha: float, epoch: int, step: int, steps_per_epoch: int, ramp_e
     return alpha * min(1.0, progress)
 
 
-# ----------------------------------------------------------------------------------------
-# Progress logging
-# ----------------------------------------------------------------------------------------
+# ---- Progress logging ------------------------------------------------------------------
 class SmoothedValue:
-    """A scalar series: windowed median/average for display, global average for the epoch."""
+    """A scalar series: windowed median for display, global average for the epoch."""
 
     def __init__(self, window_size: int = 20, fmt: str = "{median:.4f} ({global_avg:.4f})"):
         self.window = deque(maxlen=window_size)
@@ -544,10 +535,6 @@ class SmoothedValue:
         return float(np.median(self.window)) if self.window else 0.0
 
     @property
-    def avg(self) -> float:
-        return float(np.mean(self.window)) if self.window else 0.0
-
-    @property
     def global_avg(self) -> float:
         return self.total / max(self.count, 1)
 
@@ -556,8 +543,7 @@ class SmoothedValue:
         return self.window[-1] if self.window else 0.0
 
     def __str__(self) -> str:
-        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
-                               value=self.value)
+        return self.fmt.format(median=self.median, global_avg=self.global_avg, value=self.value)
 
 
 def _format_seconds(seconds: float) -> str:
@@ -607,9 +593,7 @@ class MetricLogger:
         print(f"{header} total time: {_format_seconds(time.time() - start)}", flush=True)
 
 
-# ----------------------------------------------------------------------------------------
-# Generic training loop
-# ----------------------------------------------------------------------------------------
+# ---- Generic training loop -------------------------------------------------------------
 @dataclass
 class LoopOptions:
     accumulation_steps: int = 1
@@ -638,8 +622,6 @@ class ResumePoint:
     """Where a resumed run continues: epoch, batches already done in it, this rank's RNG."""
     epoch: int
     skip_batches: int = 0
-    global_step: int = 0
-    best_metric: float | None = None
     rng_state: dict | None = None
 
 
@@ -656,13 +638,13 @@ def move_to_device(batch, device: torch.device):
 
 def _batches_after(loader, skip: int):
     """An iterator over `loader` from batch `skip` on, without loading the skipped batches."""
-    if skip == 0 or loader.batch_sampler is None:
+    if skip == 0 or loader.batch_sampler is None or isinstance(loader.dataset, IterableDataset):
         iterator = iter(loader)
         for _ in range(skip):
             next(iterator)
         return iterator
     remaining = list(loader.batch_sampler)[skip:]
-    resumed = torch.utils.data.DataLoader(
+    resumed = DataLoader(
         loader.dataset, batch_sampler=remaining, num_workers=loader.num_workers,
         collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
         worker_init_fn=loader.worker_init_fn, generator=loader.generator,
@@ -675,6 +657,9 @@ def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precis
                     resume: ResumePoint | None = None, experiment_logger=None) -> dict:
     """One epoch of training; returns the epoch's averages over all ranks ('lr', losses...).
 
+    `loader` is a DataLoader, or a tuple of them (e.g. video and image for --sep_img) whose
+    batches arrive together as a tuple, for as many steps as the shortest has.
+
     `compute_losses(model, batch, context)` returns a dict of named loss tensors; their sum
     is the loss, run under autocast. With accumulation the loss is divided by the number
     of micro-batches in the group and the optimiser steps once per group (DDP gradient sync
@@ -686,18 +671,21 @@ def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precis
     DistributedSampler; randomness inside data-loader workers is not replayed exactly.
     """
     options = options or LoopOptions()
+    loaders = tuple(loader) if isinstance(loader, (list, tuple)) else (loader,)
     model.train()
     if options.seed is not None:
         seed_everything(seed_for_rank(options.seed, epoch))
-    for sampler in (getattr(loader, "sampler", None), getattr(loader.batch_sampler, "sampler", None)):
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+    for each in loaders:
+        for sampler in (each.sampler, getattr(each.batch_sampler, "sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
     skip = resume.skip_batches if resume is not None and resume.epoch == epoch else 0
-    batches = _batches_after(loader, skip)
+    iterators = [_batches_after(each, skip) for each in loaders]
+    batches = iterators[0] if len(iterators) == 1 else zip(*iterators)
     if skip and resume.rng_state is not None:
-        # Restored after the iterator exists: building it draws from the RNG.
+        # Restored after the iterators exist: building them draws from the RNG.
         set_rng_state(resume.rng_state)
-    total = len(loader)
+    total = min(len(each) for each in loaders)
     accumulation = options.accumulation_steps
     updates_per_epoch = math.ceil(total / accumulation)
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -736,18 +724,17 @@ def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precis
         if experiment_logger is not None and (update_index + 1) % options.log_every == 0:
             experiment_logger.log({f"train/{name}": meter.value
                                    for name, meter in metric_logger.meters.items()}, global_step)
-        if (checkpointer is not None and options.save_every_steps > 0 and index + 1 < total
-                and (update_index + 1) % options.save_every_steps == 0):
-            checkpointer.save("checkpoint_last.pth", epoch, step_in_epoch=index + 1,
-                              global_step=global_step)
+        if checkpointer is not None:
+            checkpointer.global_step = global_step
+            if (options.save_every_steps > 0 and index + 1 < total
+                    and (update_index + 1) % options.save_every_steps == 0):
+                checkpointer.save("checkpoint_last.pth", epoch, step_in_epoch=index + 1)
     metric_logger.synchronize_between_processes()
     print(f"Averaged stats: {metric_logger}")
     return metric_logger.global_averages()
 
 
-# ----------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------
+# ---- Checkpoints -----------------------------------------------------------------------
 def atomic_torch_save(obj, path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
@@ -792,6 +779,8 @@ class Checkpointer:
     """Saves and resumes the whole training state of one run in `output_dir`.
 
     `save` is collective (every rank contributes its RNG state) and only rank 0 writes.
+    Checkpoint keys: model, optimizer, scaler, config, epoch, step_in_epoch (batches done),
+    epoch_complete, global_step, best_metric, rng (one state per rank, in rank order).
     """
 
     def __init__(self, output_dir, model, optimizer, precision: Precision, config: dict):
@@ -800,10 +789,10 @@ class Checkpointer:
         self.optimizer = optimizer
         self.precision = precision
         self.config = config
-        self.best_metric: float | None = None
+        self.best_metric: float | None = None  # scripts update it when validation improves
+        self.global_step = 0  # optimiser steps so far; kept current by train_one_epoch
 
-    def save(self, name: str, epoch: int, step_in_epoch: int = 0, epoch_complete: bool = False,
-             global_step: int = 0) -> Path:
+    def save(self, name: str, epoch: int, step_in_epoch: int = 0, epoch_complete: bool = False) -> Path:
         """Write output_dir/name; `epoch` is the epoch the state belongs to (as BLIP saves it)."""
         rng_states = gather_objects(get_rng_state())
         path = self.output_dir / name
@@ -816,7 +805,7 @@ class Checkpointer:
                 "epoch": epoch,
                 "step_in_epoch": step_in_epoch,
                 "epoch_complete": epoch_complete,
-                "global_step": global_step,
+                "global_step": self.global_step,
                 "best_metric": self.best_metric,
                 "rng": rng_states,
             }, path)
@@ -843,19 +832,17 @@ class Checkpointer:
             print(f"checkpoint was written by {len(rng_states)} processes, not {get_world_size()}: "
                   "RNG states are not restored")
         complete = state.get("epoch_complete", True)
+        self.global_step = state.get("global_step", 0)
         point = ResumePoint(epoch=state["epoch"] + 1 if complete else state["epoch"],
                             skip_batches=0 if complete else state.get("step_in_epoch", 0),
-                            global_step=state.get("global_step", 0),
-                            best_metric=self.best_metric, rng_state=rng_state)
+                            rng_state=rng_state)
         if complete and rng_state is not None:
             set_rng_state(rng_state)
         print(f"resumed from {path}: epoch {point.epoch}, skipping {point.skip_batches} batches")
         return point
 
 
-# ----------------------------------------------------------------------------------------
-# Experiment logging and model summary
-# ----------------------------------------------------------------------------------------
+# ---- Experiment logging and model summary ----------------------------------------------
 def log_epoch(output_dir, epoch: int, **sections: dict) -> dict:
     """Append one JSON line to output_dir/log.txt, e.g. log_epoch(d, 3, train=stats, val=metrics)
     gives {'train_lr': ..., 'train_loss_ita': ..., 'val_r_mean': ..., 'epoch': 3}."""
@@ -949,16 +936,15 @@ def print_model_summary(model: torch.nn.Module, visual_encoder: torch.nn.Module 
               f"{config['image_size']}px; counted by {counter})")
 
 
-# ----------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------
+# ---- Metrics ---------------------------------------------------------------------------
 def best_ground_truth_ranks(scores, ground_truth: list[list[int]]) -> np.ndarray:
     """1-based rank of the best-ranked ground truth for each query (row of `scores`).
 
     Ties are pessimistic: rank = 1 + the number of *non*-ground-truth candidates scoring
     at least as high as the best ground truth. Other ground truths never push it down.
+    (So a ground truth left at the fill value outside the re-ranked top k ranks last.)
     """
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = scores.detach().float().cpu().numpy() if torch.is_tensor(scores) else np.asarray(scores)
     if scores.ndim != 2 or scores.shape[0] != len(ground_truth):
         raise ValueError(f"scores must be (num_queries, num_candidates) with one ground-truth "
                          f"list per query; got shape {scores.shape} and {len(ground_truth)} lists")

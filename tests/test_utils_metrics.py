@@ -70,3 +70,10 @@ def test_merge_rank_results_deduplicates_and_sorts():
     results = [{"question_id": 3, "answer": "a"}, {"question_id": 1, "answer": "b"},
                {"question_id": 3, "answer": "a"}]
     assert [r["question_id"] for r in utils.merge_rank_results(results)] == [1, 3]
+
+
+def test_metrics_accept_torch_tensors_in_half_precision():
+    import torch
+    metrics = utils.retrieval_metrics(torch.tensor(SCORES_T2V, dtype=torch.bfloat16),
+                                      torch.tensor(SCORES_V2T), TXT2VIDEO, VIDEO2TXT)
+    assert metrics["txt2video_mean_rank"] == 1.75 and metrics["video2txt_mean_rank"] == 2.0
