@@ -1,0 +1,248 @@
+"""Video encoder (TimeSformer + TESTA token aggregation) forward benchmark.
+
+For every (frames, merging, precision, batch) it reports the median forward time after a
+warm-up, multiply-adds per clip (torch.utils.flop_counter, halved: see common.py), the achieved
+FLOP/s as a fraction of a same-precision 2048^2 matmul measured in this run, and the visual
+tokens in and out. With --profile it also measures the share of the forward spent in merge
+bookkeeping (sorting, top-k, gathers, scatters, indexing) with torch.profiler.
+
+Examples (CPU, the headline comparison of issue 5):
+  python benchmarks/bench_encoder.py --frames 32 --merging off,on --precision fp32,bf16 \
+      --profile --out benchmarks/results/encoder_cpu_f32.json
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+import common
+from models.timesformer import TimeSformer
+
+# The published schedules, one (frames, patches) pair per block in frame&patch mode:
+# f32 configs use [1,12]*12 and f96 configs [4,8]*12; 8 frames uses the f32 schedule (its
+# 61.8 GMACs in issue 5 is what [1,12]*12 gives at 8 frames).
+PUBLISHED_SCHEDULES = {8: [1, 12] * 12, 32: [1, 12] * 12, 96: [4, 8] * 12}
+
+# Multiply-adds per clip measured with the original implementation (issue 5), base width,
+# 224 px, patch 16: (frames, merging) -> GMACs.
+REFERENCE_GMACS = {(32, False): 786.8, (32, True): 419.8, (8, False): 196.1, (8, True): 61.8}
+
+# aten ops that only move or select tokens during merging (no arithmetic on features).
+BOOKKEEPING_OPS = ('sort', 'argsort', 'topk', 'gather', 'scatter', 'scatter_add', 'scatter_add_',
+                   'scatter_reduce', 'scatter_reduce_', 'scatter_', 'index', 'index_select',
+                   'index_add', 'index_add_', 'index_put_', 'masked_select', 'mode', 'argmax',
+                   'max', 'take_along_dim', 'repeat_interleave', 'nonzero', 'unique')
+
+BASE_WIDTH = dict(embed_dim=768, depth=12, num_heads=12, img_size=224, patch_size=16)
+
+
+def schedule_for(frames, override):
+    if override is not None:
+        return override
+    if frames not in PUBLISHED_SCHEDULES:
+        raise ValueError(f"no published merging schedule for {frames} frames "
+                         f"(known: {sorted(PUBLISHED_SCHEDULES)}); pass --testa_r")
+    return PUBLISHED_SCHEDULES[frames]
+
+
+def build_encoder(size, frames, merging, device, testa_r=None, grad_checkpointing=False):
+    """Encoder of `size` (TimeSformer kwargs: embed_dim, depth, num_heads, img_size, patch_size)
+    with the published frame&patch schedule for `frames` (or `testa_r`) when merging, in eval mode."""
+    encoder = TimeSformer(**size, drop_path_rate=0.0, num_frames=frames, attention_type='divided_space_time',
+                          token_merging=merging, testa_r=schedule_for(frames, testa_r) if merging else 0,
+                          merging_type='frame&patch', grad_checkpointing=grad_checkpointing,
+                          ckpt_layer=size['depth'] if grad_checkpointing else 0)
+    return encoder.to(device).eval()
+
+
+def size_from_args(args):
+    return dict(embed_dim=args.width, depth=args.depth, num_heads=args.heads, img_size=args.img_size,
+                patch_size=args.patch_size)
+
+
+def make_video(batch, frames, img_size, device):
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, frames, img_size, img_size, generator=generator).to(device)
+
+
+def bookkeeping_share(forward, device):
+    """Fraction of one profiled forward's op self-time spent in BOOKKEEPING_OPS, and the top ops."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == 'cuda':
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        forward()
+        common.synchronize(device)
+    time_attr = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    events = [(event.key, getattr(event, time_attr)) for event in profiler.key_averages()]
+    total = sum(time for _, time in events)
+    bookkeeping = {name: time for name, time in events
+                   if name.startswith('aten::') and name[len('aten::'):] in BOOKKEEPING_OPS and time > 0}
+    top = sorted(events, key=lambda item: -item[1])[:8]
+    return {'share': sum(bookkeeping.values()) / total if total else float('nan'),
+            'bookkeeping_ms': {name: round(time / 1e3, 2) for name, time in bookkeeping.items()},
+            'top_ops_ms': {name: round(time / 1e3, 2) for name, time in top},
+            'profiled_total_ms': round(total / 1e3, 2)}
+
+
+def feature_agreement(reference, candidate):
+    """Cosine similarity of the mean-pooled features (what ITC uses) and, when the token counts
+    agree, the smallest per-token cosine."""
+    pooled = F.cosine_similarity(reference.float().mean(1), candidate.float().mean(1), dim=-1).min().item()
+    per_token = None
+    if reference.shape == candidate.shape:
+        per_token = F.cosine_similarity(reference.float(), candidate.float(), dim=-1).min().item()
+    return pooled, per_token
+
+
+def forward_closure(encoder, video, device, precision):
+    def forward():
+        with torch.inference_mode(), common.autocast(device, precision):
+            return encoder(video)
+    return forward
+
+
+def measure_frames(args, device, frames, merging_values, precisions, batches):
+    """Rows for every (merging, precision, batch) at `frames`. All of them, and a 2048^2 matmul
+    per precision, are timed in interleaved rounds, so ratios between them are side by side."""
+    encoders, forwards = {}, {}
+    for merging in merging_values:
+        torch.manual_seed(0)
+        encoders[merging] = build_encoder(size_from_args(args), frames, merging, device, args.testa_r)
+        for precision in precisions:
+            for batch in batches:
+                video = make_video(batch, frames, args.img_size, device)
+                forwards[(merging, precision, batch)] = forward_closure(encoders[merging], video, device, precision)
+    functions = {('matmul', precision): common.matmul_closure(device, precision) for precision in precisions}
+    functions.update(forwards)
+    load_before = os.getloadavg()[0]
+    timings = common.time_interleaved(functions, device, runs=args.runs, warmup=args.warmup)
+    load_after = os.getloadavg()[0]
+    rates = {precision: 2 * common.MATMUL_SIZE ** 3 / timings[('matmul', precision)]['median_s'] / 1e9
+             for precision in precisions}
+    print(f'{frames} frames: matmul GFLOP/s in the same rounds:', {k: round(v, 1) for k, v in rates.items()},
+          flush=True)
+
+    rows, gmacs, outputs = [], {}, {}
+    for (merging, precision, batch), forward in forwards.items():
+        timing = timings[(merging, precision, batch)]
+        output = forward()
+        if merging not in gmacs:
+            # Multiply-adds depend on the shapes only (the schedule fixes every token count),
+            # so one count per encoder serves every precision and batch size.
+            with torch.inference_mode(), common.autocast(device, precision):
+                gmacs[merging] = common.count_gmacs(
+                    lambda: encoders[merging](make_video(1, frames, args.img_size, device)))
+        achieved = 2 * gmacs[merging] * batch / timing['median_s']
+        row = dict(frames=frames, merging='on' if merging else 'off', precision=precision, batch=batch,
+                   tokens_in=1 + (args.img_size // args.patch_size) ** 2 * frames, tokens_out=output.shape[1],
+                   gmacs_per_clip=gmacs[merging], median_s=timing['median_s'], min_s=timing['min_s'],
+                   times_s=timing['times_s'], clips_per_s=batch / timing['median_s'], gflops_per_s=achieved,
+                   matmul_gflops_per_s=rates[precision], frac_matmul=achieved / rates[precision],
+                   load_average_1min=[round(load_before, 2), round(load_after, 2)])
+        if precision == 'fp32':
+            outputs[(merging, batch)] = output
+        elif (merging, batch) in outputs:
+            row['cos_vs_fp32'], row['min_token_cos_vs_fp32'] = feature_agreement(outputs[(merging, batch)], output)
+        if args.profile and merging:
+            profile = bookkeeping_share(forward, device)
+            row['bookkeeping_share'] = profile['share']
+            row['profile'] = profile
+        rows.append(row)
+        print({key: value for key, value in row.items() if key not in ('profile', 'times_s')}, flush=True)
+    return rows
+
+
+def add_ratios(rows):
+    by_key = {(row['frames'], row['merging'], row['precision'], row['batch']): row for row in rows}
+    for row in rows:
+        unmerged = by_key.get((row['frames'], 'off', row['precision'], row['batch']))
+        if row['merging'] == 'on' and unmerged:
+            row['merge_speedup'] = unmerged['median_s'] / row['median_s']
+        fp32 = by_key.get((row['frames'], row['merging'], 'fp32', row['batch']))
+        if row['precision'] != 'fp32' and fp32:
+            row['speedup_vs_fp32'] = fp32['median_s'] / row['median_s']
+
+
+def target_checks(args, rows):
+    """Issue 5's targets that this sweep can decide; a target needing a missing row is skipped."""
+    checks = []
+    is_base = size_from_args(args) == BASE_WIDTH and args.testa_r is None
+
+    def check(name, value, target, passed):
+        checks.append(dict(target=name, value=value, goal=target, passed=bool(passed)))
+
+    for row in rows:
+        if row['precision'] == 'fp32' and row['batch'] == 1:
+            reference = REFERENCE_GMACS.get((row['frames'], row['merging'] == 'on'))
+            if is_base and reference:
+                error = abs(row['gmacs_per_clip'] - reference) / reference
+                check(f"GMACs {row['frames']}f merging {row['merging']} = {reference} within 1%",
+                      round(row['gmacs_per_clip'], 2), reference, error <= 0.01)
+            check(f"fp32 {row['frames']}f merging {row['merging']}: >= 85% of fp32 matmul rate",
+                  round(row['frac_matmul'], 3), 0.85, row['frac_matmul'] >= 0.85)
+        if row['frames'] == 32 and row['precision'] == 'fp32' and 'merge_speedup' in row:
+            check(f"32f fp32 batch {row['batch']}: merging >= 2.0x faster", round(row['merge_speedup'], 2), 2.0,
+                  row['merge_speedup'] >= 2.0)
+        if row['frames'] == 32 and row['merging'] == 'on' and row['precision'] == 'bf16' and 'speedup_vs_fp32' in row:
+            check(f"32f merged batch {row['batch']}: bf16 >= 2.5x fp32", round(row['speedup_vs_fp32'], 2), 2.5,
+                  row['speedup_vs_fp32'] >= 2.5)
+        if row.get('cos_vs_fp32') is not None:
+            check(f"{row['frames']}f merging {row['merging']} {row['precision']} batch {row['batch']}: pooled feature cosine > 0.999",
+                  round(row['cos_vs_fp32'], 6), 0.999, row['cos_vs_fp32'] > 0.999)
+        if row.get('bookkeeping_share') is not None:
+            check(f"{row['frames']}f {row['precision']} batch {row['batch']}: merge bookkeeping < 5% of forward",
+                  round(row['bookkeeping_share'], 4), 0.05, row['bookkeeping_share'] < 0.05)
+    return checks
+
+
+def main():
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument('--frames', default='8,32', help='comma list, e.g. 8,32,96')
+    parser.add_argument('--merging', default='off,on', help='comma list of off/on')
+    parser.add_argument('--precision', default=None,
+                        help='comma list of fp32/bf16/fp16 (default: fp32,bf16 on CPU, fp32,bf16,fp16 on CUDA)')
+    parser.add_argument('--batch', default='1', help='comma list of batch sizes')
+    parser.add_argument('--testa_r', default=None,
+                        help='override the published schedule: comma list read in block order (frame&patch)')
+    parser.add_argument('--profile', action='store_true',
+                        help='profile one merged forward per config and report the merge bookkeeping share')
+    parser.add_argument('--width', type=int, default=BASE_WIDTH['embed_dim'])
+    parser.add_argument('--depth', type=int, default=BASE_WIDTH['depth'])
+    parser.add_argument('--heads', type=int, default=BASE_WIDTH['num_heads'])
+    parser.add_argument('--img_size', type=int, default=BASE_WIDTH['img_size'])
+    parser.add_argument('--patch_size', type=int, default=BASE_WIDTH['patch_size'])
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    precisions = common.parse_list(args.precision) if args.precision else \
+        (['fp32', 'bf16', 'fp16'] if device.type == 'cuda' else ['fp32', 'bf16'])
+    merging_values = []
+    for value in common.parse_list(args.merging):
+        if value not in ('off', 'on'):
+            raise ValueError(f"--merging takes off/on, got {value!r}")
+        merging_values.append(value == 'on')
+    args.testa_r = common.parse_list(args.testa_r, int) if args.testa_r else None
+    for precision in precisions:
+        common.check_precision(precision, device)
+
+    info = common.machine_info(device)
+    print(info, flush=True)
+    rows = []
+    for frames in common.parse_list(args.frames, int):
+        rows += measure_frames(args, device, frames, merging_values, precisions, common.parse_list(args.batch, int))
+    add_ratios(rows)
+    common.print_table(rows, ['frames', 'merging', 'precision', 'batch', 'tokens_in', 'tokens_out',
+                              'gmacs_per_clip', 'median_s', 'min_s', 'clips_per_s', 'gflops_per_s', 'frac_matmul',
+                              'merge_speedup', 'speedup_vs_fp32', 'cos_vs_fp32', 'bookkeeping_share'],
+                       title='video encoder forward (GMACs = multiply-adds; GFLOP/s = 2 per multiply-add)')
+    checks = target_checks(args, rows)
+    common.print_table(checks, ['target', 'value', 'goal', 'passed'], title='issue 5 targets')
+    common.write_json(args.out, dict(machine=info, args=vars(args),
+                                     schedules={str(frames): schedule_for(frames, args.testa_r)
+                                                for frames in common.parse_list(args.frames, int)},
+                                     rows=rows, checks=checks))
+
+
+if __name__ == '__main__':
+    main()

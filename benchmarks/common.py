@@ -1,0 +1,211 @@
+"""Shared harness for the benchmark scripts: timing, matmul reference rate, FLOP counting,
+peak memory, machine description, table printing and JSON output.
+
+FLOPs: torch.utils.flop_counter counts 2 FLOPs per multiply-add. The published TESTA figures
+(and issue 5) are quoted in multiply-adds, so `count_gmacs` halves the counter's total; the
+achieved rate is reported in real FLOP/s (2 per multiply-add) to compare with the matmul rate,
+which is also 2 * n**3 / time.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def base_parser(description):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cpu or cuda (default: cuda when available)')
+    parser.add_argument('--out', default=None, help='write the results as JSON to this path')
+    parser.add_argument('--runs', type=int, default=3, help='timed runs per configuration')
+    parser.add_argument('--warmup', type=int, default=1, help='untimed runs before timing')
+    return parser
+
+
+def parse_list(text, cast=str):
+    """'8,32' -> [8, 32]; used by the --frames/--batch/--precision style options."""
+    return [cast(item) for item in text.split(',') if item.strip()]
+
+
+def check_precision(precision, device):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if precision == 'fp16' and device.type != 'cuda':
+        raise ValueError("precision 'fp16' is only benchmarked on CUDA (CPU fp16 autocast is not a supported path)")
+
+
+def autocast(device, precision):
+    """Mixed precision the way the training scripts run it: autocast, weights stay fp32."""
+    check_precision(precision, device)
+    if precision == 'fp32':
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(functions, device, runs=3, warmup=1):
+    """Median wall time of each named function, called in rounds (one call of each per round)
+    after `warmup` untimed rounds, so drifts in the machine's load hit every configuration alike."""
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    for _ in range(warmup):
+        for function in functions.values():
+            function()
+    synchronize(device)
+    times = {name: [] for name in functions}
+    for _ in range(runs):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: {'median_s': statistics.median(values), 'min_s': min(values), 'times_s': values}
+            for name, values in times.items()}
+
+
+def time_call(function, device, runs=3, warmup=1):
+    return time_interleaved({'call': function}, device, runs, warmup)['call']
+
+
+MATMUL_SIZE = 2048
+
+
+def matmul_closure(device, precision, size=MATMUL_SIZE):
+    """One size x size matmul in `precision`; 2 * size**3 FLOPs per call."""
+    check_precision(precision, device)
+    dtype = PRECISIONS[precision] or torch.float32
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    return lambda: torch.mm(a, b)
+
+
+def matmul_rate(device, precision='fp32', size=MATMUL_SIZE, runs=5):
+    """FLOP/s (2 per multiply-add) of a size x size matmul in `precision`, measured now, so ratios
+    against it cancel the machine's speed and its current load."""
+    timing = time_call(matmul_closure(device, precision, size), device, runs=runs, warmup=2)
+    return 2 * size ** 3 / timing['median_s']
+
+
+def count_gmacs(fn):
+    """Multiply-adds (in 1e9) of one `fn()` call, as torch.utils.flop_counter sees them."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def _read_status_kib(field):
+    with open('/proc/self/status') as status:
+        for line in status:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def reset_peak_memory(device):
+    """Start a new peak-memory window: CUDA allocator peak, or the process's peak RSS (VmHWM),
+    which Linux resets when '5' is written to /proc/self/clear_refs."""
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with open('/proc/self/clear_refs', 'w') as clear_refs:
+        clear_refs.write('5')
+
+
+def peak_memory_mib(device):
+    """Peak since the last reset: max_memory_allocated on CUDA, peak RSS of the process on CPU
+    (the RSS includes the weights, the Python interpreter and allocator caches)."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return _read_status_kib('VmHWM') / 1024
+
+
+def current_memory_mib(device):
+    if device.type == 'cuda':
+        return torch.cuda.memory_allocated(device) / 2 ** 20
+    return _read_status_kib('VmRSS') / 1024
+
+
+def _cpu_model():
+    try:
+        with open('/proc/cpuinfo') as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device):
+    info = {
+        'date_utc': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+        'cpu': _cpu_model(),
+        'cpu_count': os.cpu_count(),
+        'torch_threads': torch.get_num_threads(),
+        'omp_num_threads_env': os.environ.get('OMP_NUM_THREADS'),
+        'torch': torch.__version__,
+        'python': platform.python_version(),
+        'device': str(device),
+        'command': ' '.join([os.path.basename(sys.executable)] + sys.argv),
+        'load_average_1_5_15min': [round(value, 2) for value in os.getloadavg()],
+    }
+    if device.type == 'cuda':
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def reference_rates(device, precisions):
+    """Matmul rates (GFLOP/s) for every precision benchmarked, measured in this run."""
+    return {precision: matmul_rate(device, precision) / 1e9 for precision in precisions}
+
+
+def format_value(value):
+    if isinstance(value, float):
+        return f'{value:.3g}' if abs(value) < 1000 else f'{value:.0f}'
+    return str(value)
+
+
+def print_table(rows, columns, title=None):
+    """Plain fixed-width table of `columns` (keys of each row dict); missing values print '-'."""
+    cells = [[format_value(row[column]) if row.get(column) is not None else '-' for column in columns]
+             for row in rows]
+    widths = [max([len(column)] + [len(line[index]) for line in cells]) for index, column in enumerate(columns)]
+    if title:
+        print(f'\n{title}')
+    print('  '.join(column.ljust(width) for column, width in zip(columns, widths)))
+    print('  '.join('-' * width for width in widths))
+    for line in cells:
+        print('  '.join(cell.ljust(width) for cell, width in zip(line, widths)))
+    sys.stdout.flush()
+
+
+def write_json(path, payload):
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, 'w') as handle:
+        json.dump(payload, handle, indent=2, default=str)
+    print(f'wrote {path}', flush=True)
