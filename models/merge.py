@@ -8,7 +8,7 @@ Conventions: set A = even positions, set B = odd positions. Each A token looks u
 most similar B token; the ``r`` best-scoring A tokens are merged into their partners.
 Output order is [A tokens that stay, in original order] + [all B tokens, in order].
 """
-from typing import NamedTuple
+from typing import NamedTuple, Tuple
 
 import torch
 from torch import Tensor
@@ -91,28 +91,42 @@ def frame_matching(metric: Tensor, r: int, num_protected: int = 0) -> Matching:
     return _select(score, partner, r, num_frames)
 
 
+def _expand(index: Tensor, like: Tensor, dim: int) -> Tensor:
+    """Broadcast an index (size 1 on the dims it shares) to ``like``'s shape, keeping its ``dim``."""
+    shape = list(like.shape)
+    shape[dim] = index.shape[dim]
+    return index.expand(shape)
+
+
 def apply_matching(x: Tensor, matching: Matching, dim: int) -> Tensor:
     """Sum-merge ``x`` along ``dim``: survivors gathered, merged rows added into their slots.
 
     The matching's index tensors must already have ``x``'s number of dims (size 1 where
     they broadcast, see ``Matching.broadcast``).
     """
-    def expand(index: Tensor) -> Tensor:
-        shape = list(x.shape)
-        shape[dim] = index.shape[dim]
-        return index.expand(shape)
-
-    out = x.gather(dim, expand(matching.output_rows))
-    merged = x.gather(dim, expand(matching.merged_rows))
-    return out.scatter_add_(dim, expand(matching.merged_slots), merged)
+    out = x.gather(dim, _expand(matching.output_rows, x, dim))
+    merged = x.gather(dim, _expand(matching.merged_rows, x, dim))
+    return out.scatter_add_(dim, _expand(matching.merged_slots, x, dim), merged)
 
 
-def merge_weighted(x: Tensor, size: Tensor, matching: Matching, dim: int) -> tuple:
+def merge_weighted(x: Tensor, size: Tensor, matching: Matching, dim: int) -> Tuple[Tensor, Tensor]:
     """Size-weighted mean merge: new = sum(size * x) / sum(size); sizes add up.
 
     ``size`` broadcasts against ``x`` (trailing feature dim of 1): how many original
-    tokens each token stands for.
+    tokens each token stands for. Only the slots that absorb merged rows are reweighted,
+    so the cost beyond one gather of ``x`` scales with r, not with the token count.
     """
-    total = apply_matching(x * size, matching, dim)
-    size = apply_matching(size, matching, dim)
-    return total.div_(size), size
+    new_size = apply_matching(size, matching, dim)
+    out = x.gather(dim, _expand(matching.output_rows, x, dim))
+    slot_rows = matching.output_rows.gather(dim, matching.merged_slots)
+
+    def weighted(rows: Tensor) -> Tensor:
+        return x.gather(dim, _expand(rows, x, dim)) * size.gather(dim, _expand(rows, size, dim))
+
+    # Several rows may merge into one slot: scatter_ then writes identical values, so it is safe.
+    slots = _expand(matching.merged_slots, x, dim)
+    out.scatter_(dim, slots, weighted(slot_rows))
+    out.scatter_add_(dim, slots, weighted(matching.merged_rows))
+    slot_size = new_size.gather(dim, _expand(matching.merged_slots, new_size, dim))
+    out.scatter_(dim, slots, out.gather(dim, slots).div_(slot_size))
+    return out, new_size

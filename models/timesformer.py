@@ -76,14 +76,16 @@ class Attention(nn.Module):
                 return_keys: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         """``log_size`` (M, 1, 1, n) is added to the logits (proportional attention).
 
-        Returns the projected output and, if asked, the keys averaged over heads (M, n, hd).
+        Returns the projected output and, if asked, the merge metric (M, n, hd): the keys
+        summed over heads. Summing points the same way as averaging, and the metric is only
+        used through cosine similarity, so this saves a division pass.
         """
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=log_size)
         out = self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
-        return out, (key.mean(dim=1) if return_keys else None)
+        return out, (key.sum(dim=1) if return_keys else None)
 
 
 class Mlp(nn.Module):
