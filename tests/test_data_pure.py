@@ -5,12 +5,13 @@ import random
 
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 
 from data.annotations import restricted_loads
 from data.loader import EvalShardSampler, create_sampler, shard_indices, vqa_collate_fn
 from data.text import pre_caption, pre_question
-from data.transforms import (AUGMENT_OPS, MEAN, STD, EvalTransform, ImageTrainTransform, VideoTrainTransform,
-                             normalize)
+from data.transforms import (AUGMENT_OPS, FILL, MEAN, STD, EvalTransform, ImageTrainTransform, VideoTrainTransform,
+                             adjust_sharpness, shift, normalize)
 from data.video import STRATEGIES, sample_frame_indices
 
 
@@ -99,6 +100,15 @@ def test_each_augment_op_keeps_shape_and_dtype(name):
     clip = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8)
     out = AUGMENT_OPS[name](clip, 5, random.Random(0))
     assert out.shape == clip.shape and out.dtype == torch.uint8
+
+
+def test_fast_sharpness_and_translation_match_their_definitions():
+    clip = torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8)
+    for factor in (0.2, 1.7):
+        assert (adjust_sharpness(clip, factor).int() - TF.adjust_sharpness(clip, factor).int()).abs().max() <= 1
+    shifted = shift(clip, 5, -1)
+    assert torch.equal(shifted[..., 5:], clip[..., :-5]) and (shifted[..., :5] == FILL[0]).all()
+    assert torch.equal(shift(clip, -3, -2)[..., :-3, :], clip[..., 3:, :])
 
 
 def test_video_train_transform_is_temporally_consistent():
