@@ -33,11 +33,13 @@ class BadInputLog:
             os.close(fd)
         marker = os.path.join(self.folder, hashlib.sha1(str(path).encode()).hexdigest())
         try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return
-        with open(marker, "w") as f:
-            f.write(str(path))
+        try:
+            os.write(fd, str(path).encode())
+        finally:
+            os.close(fd)
         print(f"[data] unreadable input {path}: {reason}", file=sys.stderr, flush=True)
 
     def count(self):

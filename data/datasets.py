@@ -15,7 +15,7 @@ from .annotations import read_activitynet, read_condensedmovies, read_didemo, re
 from .bad_inputs import BadInputLog
 from .text import pre_caption, pre_question
 from .transforms import EvalTransform, ImageTrainTransform, VideoTrainTransform
-from .video import VideoReadError, read_video
+from .video import STRATEGIES, VideoReadError, read_video
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".flv", ".mkv", ".webm")
 DEFAULT_VIDEO_RESIZE = 256
@@ -53,6 +53,8 @@ class ClipDataset(Dataset):
         self.max_words = config.get("max_words", DEFAULT_MAX_WORDS)
         if train:
             self.strategy = config.get("frm_sampling_strategy", "rand")
+            if self.strategy not in STRATEGIES:
+                raise ValueError(f"frm_sampling_strategy {self.strategy!r} is unknown; expected one of {STRATEGIES}")
             self.decode_size = max(config.get("video_resize", DEFAULT_VIDEO_RESIZE), self.image_size)
             self.transform = VideoTrainTransform(self.image_size)
         else:

@@ -123,16 +123,17 @@ def write_images(out, rng, count, size):
 def write_corpus(out, num_clips=100, frames=16, size=64, seed=0, num_images=6):
     """Write clips and all annotation formats under `out`; returns a summary dict."""
     out = Path(out)
-    for folder in ("videos", "videos_mkv", "images", "ann"):
+    for folder in ("videos", "videos_mkv", "videos_queryd", "images", "ann"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     names = [f"toy{k:05d}" for k in range(num_clips)]
     events = {name: random_events(rng) for name in names}
     for name in names:
         make_clip(out / "videos" / f"v_{name}.mp4", events[name], frames, size)
-        mkv = out / "videos_mkv" / f"v_{name}.mkv"  # Condensed Movies names its files .mkv
-        if not mkv.exists():
-            os.symlink(os.path.join("..", "videos", f"v_{name}.mp4"), mkv)
+        # Condensed Movies names its files .mkv; QuerYD's carry no extension
+        for link in (out / "videos_mkv" / f"v_{name}.mkv", out / "videos_queryd" / f"v_{name}"):
+            if not link.exists():
+                os.symlink(os.path.join("..", "videos", f"v_{name}.mp4"), link)
     sentences = {name: describe(events[name]) for name in names}
     splits = split_names(names)
     ann = out / "ann"
@@ -142,12 +143,12 @@ def write_corpus(out, num_clips=100, frames=16, size=64, seed=0, num_images=6):
     write_json(ann / "pretrain.json", video_entries + image_entries)
     write_json(ann / "pretrain_images.json", image_entries)
 
-    queryd = {f"v_{n}.mp4": [s.split(" ") for s in sentences[n]] for n in names}
+    queryd = {f"v_{n}": [s.split(" ") for s in sentences[n]] for n in names}
     with open(ann / "raw_captions_combined_filtered.pkl", "wb") as f:
         pickle.dump(queryd, f)
     cm_rows = []
     for split, members in splits.items():
-        (ann / f"exists_{split}_list.txt").write_text("".join(f"v_{n}.mp4\n" for n in members))
+        (ann / f"exists_{split}_list.txt").write_text("".join(f"v_{n}\n" for n in members))
         didemo = [{"clip_name": f"v_{n}", "caption": " ".join(sentences[n])} for n in members]
         if split != "train":  # DiDeMo evaluation files repeat clips; the reader de-duplicates them
             didemo.append(dict(didemo[0], caption=didemo[0]["caption"].upper()))
@@ -168,6 +169,7 @@ def write_corpus(out, num_clips=100, frames=16, size=64, seed=0, num_images=6):
     summary = {"root": str(out), "num_clips": num_clips, "frames": frames, "size": size, "fps": FPS,
                "seed": seed, "splits": {k: len(v) for k, v in splits.items()}, "num_images": num_images,
                "config": {"video_root": str(out / "videos"), "video_root_condensedmovies": str(out / "videos_mkv"),
+                          "video_root_queryd": str(out / "videos_queryd"),
                           "pretrain_video_root": str(out), "ann_root": str(ann),
                           "train_file": [str(ann / "pretrain.json")],
                           "image_train_file": [str(ann / "pretrain_images.json")]},

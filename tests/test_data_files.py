@@ -33,8 +33,8 @@ def config_for(corpus, name, **overrides):
     if name.startswith("pretrain"):
         config.update(video_root=paths["pretrain_video_root"],
                       train_file=paths["image_train_file" if name == "pretrain_image" else "train_file"])
-    if name == "retrieval_condensedmovies":
-        config["video_root"] = paths["video_root_condensedmovies"]
+    if name in ("retrieval_condensedmovies", "retrieval_queryd"):
+        config["video_root"] = paths["video_root_" + name.split("_")[1]]
     config.update(overrides)
     return config
 
@@ -61,6 +61,16 @@ def test_decord_and_pyav_return_the_same_frames(corpus, strategy):
     resized = [read_video(clip_path(corpus), 6, strategy, 20, random.Random(7), backend=b) for b in ("decord", "pyav")]
     assert resized[0].shape == resized[1].shape == (6, 3, 20, 20)
     assert (resized[0].float() - resized[1].float()).abs().mean() < 4  # scalers differ slightly
+
+
+def test_readers_agree_on_a_matroska_file_without_frame_count(tmp_path):
+    path = tmp_path / "clip.mkv"
+    frames = np.random.default_rng(1).integers(0, 256, (12, SIZE, SIZE, 3), dtype=np.uint8)
+    write_mp4(path, frames)  # PyAV picks the container from the extension
+    with av.open(str(path)) as container:
+        assert container.format.name.startswith("matroska")
+    clips = [read_video(path, 5, "uniform", None, backend=b) for b in ("decord", "pyav")]
+    assert clips[0].shape == (5, 3, SIZE, SIZE) and torch.equal(clips[0], clips[1])
 
 
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
@@ -130,6 +140,12 @@ def test_qa_answers_weights_ids_and_answer_list(corpus, tmp_path):
     train_answers = [row["answer"] for row in json.load(open(f"{config['ann_root']}/train_a.json"))]
     assert sorted(test.answer_list) == sorted(set(train_answers))
     assert test.answer_list == train.answer_list
+    video = Path(config["video_root"]) / f"v_{test.items[0][2].rsplit('_', 1)[0]}.mp4"
+    webm_root = tmp_path / "webm"
+    webm_root.mkdir()
+    (webm_root / video.with_suffix(".webm").name).symlink_to(video)
+    webm = create_dataset("activitynet_qa", dict(config, video_root=str(webm_root)), "test")
+    assert webm.items[0][0].suffix == ".webm" and webm[0][0].shape == (4, 3, IMG, IMG)
     (tmp_path / "answers.json").write_text(json.dumps(["red", "blue"]))
     assert create_dataset("activitynet_qa", dict(config, answer_list=str(tmp_path / "answers.json")),
                           "val").answer_list == ["red", "blue"]
@@ -146,7 +162,9 @@ def test_pretrain_mixes_videos_and_images(corpus):
     assert len(images) == 2 and images[0][0].shape == (2, 3, IMG, IMG)
 
 
-def test_unknown_dataset_and_missing_annotation_errors(corpus, tmp_path):
+def test_unknown_dataset_strategy_and_missing_annotation_errors(corpus, tmp_path):
+    with pytest.raises(ValueError, match="headtail"):
+        create_dataset("retrieval_didemo", config_for(corpus, "retrieval_didemo", frm_sampling_strategy="middle"))
     with pytest.raises(ValueError, match="retrieval_didemo"):
         create_dataset("retrieval_msrvtt", config_for(corpus, "retrieval_didemo"))
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "train.jsonl")):
