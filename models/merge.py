@@ -113,20 +113,17 @@ def merge_weighted(x: Tensor, size: Tensor, matching: Matching, dim: int) -> Tup
     """Size-weighted mean merge: new = sum(size * x) / sum(size); sizes add up.
 
     ``size`` broadcasts against ``x`` (trailing feature dim of 1): how many original
-    tokens each token stands for. Only the slots that absorb merged rows are reweighted,
-    so the cost beyond one gather of ``x`` scales with r, not with the token count.
+    tokens each token stands for. Written as an update of the destination,
+    dst + sum(size_src * (src - dst)) / new_size, so the cost beyond one gather of ``x``
+    scales with r, and nothing autograd saved is modified in place.
     """
     new_size = apply_matching(size, matching, dim)
     out = x.gather(dim, _expand(matching.output_rows, x, dim))
     slot_rows = matching.output_rows.gather(dim, matching.merged_slots)
 
-    def weighted(rows: Tensor) -> Tensor:
-        return x.gather(dim, _expand(rows, x, dim)) * size.gather(dim, _expand(rows, size, dim))
+    def rows_of(values: Tensor, rows: Tensor) -> Tensor:
+        return values.gather(dim, _expand(rows, values, dim))
 
-    # Several rows may merge into one slot: scatter_ then writes identical values, so it is safe.
-    slots = _expand(matching.merged_slots, x, dim)
-    out.scatter_(dim, slots, weighted(slot_rows))
-    out.scatter_add_(dim, slots, weighted(matching.merged_rows))
-    slot_size = new_size.gather(dim, _expand(matching.merged_slots, new_size, dim))
-    out.scatter_(dim, slots, out.gather(dim, slots).div_(slot_size))
-    return out, new_size
+    share = rows_of(size, matching.merged_rows) / rows_of(new_size, matching.merged_slots)
+    update = (rows_of(x, matching.merged_rows) - rows_of(x, slot_rows)) * share
+    return out.scatter_add_(dim, _expand(matching.merged_slots, x, dim), update), new_size

@@ -39,6 +39,8 @@ def _resize_grid(grid: Tensor, size: Tuple[int, int], mode: str) -> Tensor:
 
 def resize_pos_embed(pos_embed: Tensor, new_grid: int, mode: str = "bicubic") -> Tensor:
     """Resize (1, 1+L, D) position embeddings to a new_grid x new_grid patch grid; [CLS] kept."""
+    if pos_embed.shape[1] == 1 + new_grid * new_grid:
+        return pos_embed
     grid = _resize_grid(pos_embed[:, 1:], (new_grid, new_grid), mode)
     return torch.cat([pos_embed[:, :1], grid.to(pos_embed.dtype)], dim=1)
 
@@ -159,7 +161,7 @@ class DividedSpaceTimeBlock(nn.Module):
     def _drop(self, x: Tensor) -> Tensor:
         return drop_path(x, self.drop_path_rate, self.training)
 
-    def _frame_scale(self, frame_source: Tensor) -> Tensor:
+    def frame_scale(self, frame_source: Tensor) -> Tensor:
         """Per-sample (B, T) temporal scaling: the mean over the original frames of each frame."""
         scale = torch.tanh(resize_time_embed(self.temporal_scaling, frame_source.shape[-1])) + 1
         return (frame_source @ scale[0]).squeeze(-1) / frame_source.sum(-1)
@@ -175,7 +177,7 @@ class DividedSpaceTimeBlock(nn.Module):
             self.temporal_norm1(patches).view(-1, num_frames, dim), log_size, return_keys=frame_r > 0)
         attended = attended.view(batch, num_patches, num_frames, dim)
         if self.temporal_scaling is not None:
-            attended = attended * self._frame_scale(frame_source)[:, None, :, None]
+            attended = attended * self.frame_scale(frame_source)[:, None, :, None]
         patches = patches + self._drop(self.temporal_fc(attended))
 
         # 2. frame aggregation: whole frames, decided by a vote over patch positions
@@ -267,7 +269,7 @@ def merge_schedule(testa_r, merging_type: str, attention_type: str, depth: int,
 
     Divided frame&patch reads two entries per block (frames, patches); frame, patch and
     the single-attention types (space_only, joint_space_time: plain ToMe) read one.
-    An int applies to every block; a short list is padded with zeros.
+    An int applies to every block; a short list is padded with zeros, a long one truncated.
     """
     if merging_type not in MERGING_TYPES:
         raise ValueError(f"merging_type must be one of {MERGING_TYPES}, got {merging_type!r}")
@@ -278,10 +280,9 @@ def merge_schedule(testa_r, merging_type: str, attention_type: str, depth: int,
     if isinstance(testa_r, int):
         entries = [testa_r] * (depth * per_block)
     else:
-        entries = [int(r) for r in testa_r]
-        if len(entries) > depth * per_block:
-            raise ValueError(f"testa_r has {len(entries)} entries; {merging_type} merging over "
-                             f"{depth} blocks reads at most {depth * per_block}")
+        # Extra entries are ignored, as the original does: the released space_only configs
+        # reuse the 24-entry frame&patch list.
+        entries = [int(r) for r in testa_r][:depth * per_block]
         entries += [0] * (depth * per_block - len(entries))
     if any(r < 0 for r in entries):
         raise ValueError(f"testa_r entries must be >= 0, got {testa_r}")
@@ -337,7 +338,8 @@ class TimeSformer(nn.Module):
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
 
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        # Stochastic depth grows linearly with depth (plain floats: also builds on 'meta').
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         if divided:
             # Frames keep one [CLS]-sized slot out of the merge cap when patches merge too:
             # the released models were trained with that cap.
