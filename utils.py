@@ -5,6 +5,7 @@ import argparse
 import builtins
 import datetime
 import difflib
+import importlib
 import io
 import json
 import math
@@ -700,8 +701,10 @@ def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precis
         group_size = min(accumulation, total - group_start)
         is_update = index + 1 == group_start + group_size
         update_index = index // accumulation
-        if lr_schedule is not None and index == group_start:
-            set_lr(optimizer, lr_schedule(epoch, update_index))
+        if index == group_start:
+            if lr_schedule is not None:
+                set_lr(optimizer, lr_schedule(epoch, update_index))
+            metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         context = StepContext(epoch, index, total, device)
         sync = nullcontext() if is_update or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
@@ -715,11 +718,11 @@ def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precis
         if options.max_grad_norm is not None:
             precision.scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, options.max_grad_norm)
-            metric_logger.update(grad_norm=grad_norm)
+            if torch.isfinite(grad_norm):  # an fp16 overflow step is skipped by the scaler
+                metric_logger.update(grad_norm=grad_norm)
         precision.scaler.step(optimizer)
         precision.scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         global_step = epoch * updates_per_epoch + update_index + 1
         if experiment_logger is not None and (update_index + 1) % options.log_every == 0:
             experiment_logger.log({f"train/{name}": meter.value
@@ -855,6 +858,14 @@ def log_epoch(output_dir, epoch: int, **sections: dict) -> dict:
     return record
 
 
+def _import_optional(module: str, flag: str, package: str):
+    """Import an optional integration, or explain in one line what `flag` needs."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{flag} needs the {package} package: pip install {package}") from None
+
+
 class ExperimentLogger:
     """Scalars to tensorboard and/or wandb, on rank 0, each imported only when asked for."""
 
@@ -865,14 +876,10 @@ class ExperimentLogger:
         if not is_main_process():
             return
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+            writer_module = _import_optional("torch.utils.tensorboard", "--tensorboard", "tensorboard")
+            self.writer = writer_module.SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
         if use_wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--wandb needs the wandb package: pip install wandb") from None
-            self.wandb = wandb
+            self.wandb = wandb = _import_optional("wandb", "--wandb", "wandb")
             wandb.init(project=project, name=Path(output_dir).name, config=config, dir=str(output_dir))
 
     def log(self, scalars: dict, step: int) -> None:
@@ -909,11 +916,8 @@ def visual_gmacs_per_clip(visual_encoder: torch.nn.Module, num_frames: int, imag
     visual_encoder.eval()
     try:
         if counter == "fvcore":
-            try:
-                from fvcore.nn import FlopCountAnalysis
-            except ImportError:
-                raise UserError("--flop_counter fvcore needs fvcore installed: pip install fvcore") from None
-            analysis = FlopCountAnalysis(visual_encoder, clip)
+            fvcore_nn = _import_optional("fvcore.nn", "--flop_counter fvcore", "fvcore")
+            analysis = fvcore_nn.FlopCountAnalysis(visual_encoder, clip)
             analysis.unsupported_ops_warnings(False)
             return analysis.total() / 1e9
         from torch.utils.flop_counter import FlopCounterMode

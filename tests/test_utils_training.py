@@ -151,6 +151,7 @@ def test_resume_mid_epoch_continues_the_loss_curve_exactly(tmp_path):
         train(tmp_path / "b", crashed_losses, epochs=3, crash_at=(1, 5))
     state = torch.load(tmp_path / "b" / "checkpoint_last.pth", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["epoch_complete"]) == (1, 4, False)
+    assert state["global_step"] == 3 + 2 and len(state["rng"]) == 1
     resumed_losses = []
     resumed, _ = train(tmp_path / "b", resumed_losses, epochs=3)
     assert crashed_losses[:6 + 4] + resumed_losses == reference_losses
@@ -267,3 +268,38 @@ def test_metric_logger_prints_rate_and_eta(capsys):
     out = capsys.readouterr().out
     assert "Eval: [2/4]  eta:" in out and "it/s" in out and "loss: 1.5000 (1.5000)" in out
     assert math.isclose(logger.global_averages()["loss"], 1.5)
+
+
+def test_a_tuple_of_loaders_yields_batches_together_for_the_shortest_length():
+    seen = []
+
+    def compute_losses(model, batch, context):
+        (video_x, _), (image_x, _) = batch
+        seen.append((video_x.shape[0], image_x.shape[0], context.steps_per_epoch))
+        return {"loss": model(video_x).mean() + model(image_x).mean()}
+    model = nn.Linear(6, 1)
+    loaders = (DataLoader(make_data(12), batch_size=4), DataLoader(make_data(12), batch_size=2))
+    utils.train_one_epoch(model, loaders, torch.optim.SGD(model.parameters(), lr=0.1), 0,
+                          compute_losses, utils.make_precision("none", "cpu"))
+    assert seen == [(4, 2, 3)] * 3
+
+
+@pytest.mark.parametrize("flags, package", [({"use_wandb": True}, "wandb"), ({"tensorboard": True}, "tensorboard")])
+def test_missing_optional_integration_is_a_one_line_user_error(tmp_path, monkeypatch, flags, package):
+    import sys
+    monkeypatch.setitem(sys.modules, "wandb", None)  # None in sys.modules makes the import fail
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(utils.UserError, match=f"needs the {package} package"):
+        utils.ExperimentLogger(tmp_path, {}, **flags)
+
+
+def test_rank_aware_print_silences_other_ranks_unless_forced(capsys):
+    import builtins
+    original = builtins.print
+    try:
+        utils.setup_for_distributed(False)
+        print("hidden")
+        print("shown", force=True)
+    finally:
+        builtins.print = original
+    assert capsys.readouterr().out == "shown\n"
