@@ -5,12 +5,23 @@
     [loader] = create_loader([dataset], samplers, [8], [4], [True], [None])
     ...
     print(dataset.bad_inputs.count()); dataset.bad_inputs.reset()   # at epoch end
-"""
-from .datasets import DATASETS, create_dataset
-from .loader import EvalShardSampler, create_loader, create_sampler, shard_indices, vqa_collate_fn
-from .text import pre_caption, pre_question
-from .video import VideoReadError, read_video, sample_frame_indices, worker_init_fn
 
-__all__ = ["DATASETS", "create_dataset", "EvalShardSampler", "create_loader", "create_sampler", "shard_indices",
-           "vqa_collate_fn", "pre_caption", "pre_question", "VideoReadError", "read_video",
-           "sample_frame_indices", "worker_init_fn"]
+Names are imported on first use, so `python -m data.toy` and `python -m data.compress`
+start without loading torch and torchvision.
+"""
+import importlib
+
+_EXPORTS = {
+    "datasets": ("DATASETS", "create_dataset"),
+    "loader": ("EvalShardSampler", "create_loader", "create_sampler", "shard_indices", "vqa_collate_fn"),
+    "text": ("pre_caption", "pre_question"),
+    "video": ("VideoReadError", "read_video", "sample_frame_indices", "worker_init_fn"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
