@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 from PIL import Image
+from torch.utils.data import Dataset
 
 from .annotations import read_activitynet, read_condensedmovies, read_didemo, read_json, read_queryd
 from .bad_inputs import BadInputLog
@@ -29,7 +29,7 @@ def config_value(config, key, dataset):
 
 
 def drop_missing(items, path_of, dataset):
-    """Keep the items whose video exists; print one line with the number dropped."""
+    """Keep the items whose file exists; print one line with the number dropped."""
     kept = [item for item in items if path_of(item) is not None and Path(path_of(item)).is_file()]
     if len(kept) < len(items):
         print(f"[data] {dataset}: dropped {len(items) - len(kept)} of {len(items)} items whose video is missing")
@@ -68,10 +68,10 @@ class ClipDataset(Dataset):
             clip = read_video(path, self.num_frm, self.strategy, self.decode_size)
         except VideoReadError as err:
             if not (self.train or self.substitute_black_on_error):
-                raise
+                raise  # evaluation never substitutes silently
             self.bad_inputs.record(path, err)
             if self.train:
-                raise
+                raise  # __getitem__ replaces the item
             clip = torch.zeros(self.num_frm, 3, self.image_size, self.image_size, dtype=torch.uint8)
         return self.transform(clip)
 
