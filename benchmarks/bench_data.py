@@ -81,7 +81,8 @@ def main():
           f"32 frames -> 224 px; 1 thread; torch {torch.__version__}")
     print(f"{'backend':8} {'mode':6} {'strategy':9} {'decode':>6} {'clips/s':>8} {'decoding':>9}")
     for row in rows:
-        print(f"{row['backend']:8} {row['mode']:6} {row['strategy']:9} {row['decode_size']:>6} {row['clips_per_s']:>8} {row['decode_share']:>8.0%}")
+        print(f"{row['backend']:8} {row['mode']:6} {row['strategy']:9} {row['decode_size']:>6} "
+              f"{row['clips_per_s']:>8} {row['decode_share']:>8.0%}")
     Path(args.out).write_text(json.dumps({"settings": vars(args), "results": rows}, indent=1))
 
 
