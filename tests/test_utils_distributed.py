@@ -1,9 +1,13 @@
-"""Gather helpers, metric reduction and per-rank RNG checkpoints under 2 gloo processes."""
+"""Gather helpers, DDP training with accumulation, metric reduction and per-rank RNG
+checkpoints under 2 gloo processes."""
 import os
 import socket
 
+import copy
+
 import torch
 import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import utils
 
@@ -14,14 +18,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class _StatelessOptimizer:
-    """Stands in for torch.optim here: building one imports torch._dynamo, seconds per process."""
+def _train_ddp_with_accumulation(rank):
+    """DDP + 2-step accumulation over 2 ranks must equal plain SGD on the 8 samples of each step."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 6, generator=generator), torch.randn(16, generator=generator)
+    dataset = TensorDataset(x, y)
+    # Rank r reads r, r+2, ...: micro-batches of 2, two per step, so step u covers x[8u:8u+8].
+    loader = DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, shuffle=False))
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(6, 1)
+    model = utils.wrap_distributed(copy.deepcopy(reference), torch.device("cpu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        assert state == {}
+    def mse(module, inputs, targets):
+        return ((module(inputs).squeeze(-1) - targets) ** 2).mean()
+    utils.train_one_epoch(model, loader, optimizer, 0, lambda m, b, c: {"loss": mse(m, *b)},
+                          utils.make_precision("none", "cpu"), utils.LoopOptions(accumulation_steps=2))
+    for step in range(2):
+        reference.zero_grad()
+        mse(reference, x[8 * step:8 * step + 8], y[8 * step:8 * step + 8]).backward()
+        with torch.no_grad():
+            for param in reference.parameters():
+                param -= 0.1 * param.grad
+    for trained, expected in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(trained, expected)
+    return model, optimizer
 
 
 def _worker(rank, port, output_dir):
@@ -55,7 +76,8 @@ def _worker(rank, port, output_dir):
         assert logger.global_averages() == {"loss": 2.0}
 
         # Each rank saves and gets back its own RNG state.
-        checkpointer = utils.Checkpointer(output_dir, torch.nn.Linear(2, 2), _StatelessOptimizer(),
+        model, optimizer = _train_ddp_with_accumulation(rank)
+        checkpointer = utils.Checkpointer(output_dir, model, optimizer,
                                           utils.make_precision("none", "cpu"), {})
         utils.seed_everything(utils.seed_for_rank(0))
         checkpointer.save("checkpoint_last.pth", 0, epoch_complete=True)
