@@ -324,25 +324,25 @@ def _positive_int(text: str) -> int:
 
 def build_arg_parser(description: str) -> argparse.ArgumentParser:
     """The flags every entry script shares; scripts add their own before parse_args()."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description)
     add = parser.add_argument
     add("--config", required=True, help="YAML config file (keys listed in utils.KNOWN_CONFIG_KEYS)")
     add("--output_dir", required=True,
         help="folder for config.yaml, log.txt, checkpoints and results (created)")
     add("--mixed_precision_method", choices=["apex", "fp16", "bf16", "none"], default="none",
         help="apex/fp16: native AMP fp16 with gradient scaling on CUDA; bf16: bf16 autocast; "
-             "none: fp32. On CPU apex, fp16 and bf16 all run bf16 autocast. NVIDIA apex is not used")
+             "none: fp32 (default). On CPU apex, fp16 and bf16 all run bf16 autocast. "
+             "NVIDIA apex is not used")
     add("--checkpoint", default=None,
         help="checkpoint to resume training from (model, optimiser, scaler, epoch, step, RNG); "
              "without it, output_dir/checkpoint_last.pth is resumed when present")
     add("--evaluate", action="store_true",
         help="no training: evaluate the config's `pretrained` weights on the test split")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cuda or cpu; under torchrun each process uses cuda:LOCAL_RANK")
+        help="cuda or cpu (default: %(default)s); under torchrun each process uses cuda:LOCAL_RANK")
     add("--seed", type=int, default=None, help="random seed (default: the config's seed, else 42)")
     add("--accumulation_steps", type=_positive_int, default=1,
-        help="micro-batches per optimiser step; the loss is divided accordingly")
+        help="micro-batches per optimiser step; the loss is divided accordingly (default: 1)")
     add("--max_grad_norm", type=float, default=None,
         help="clip the gradient norm to this value (unscaled first under AMP); off when unset")
     add("--num_workers", type=int, default=None,
@@ -351,13 +351,13 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
         help="queries re-ranked together by ITM in retrieval evaluation (default: the config's)")
     add("--low_resource_eval", action="store_true",
         help="keep cached video features in half precision on the CPU during retrieval re-ranking")
-    add("--log_every", type=_positive_int, default=50, help="print training progress every N steps")
+    add("--log_every", type=_positive_int, default=50, help="print training progress every N steps (default: 50)")
     add("--save_every_steps", type=int, default=0,
-        help="also write checkpoint_last.pth every N optimiser steps inside an epoch (0: off)")
+        help="also write checkpoint_last.pth every N optimiser steps inside an epoch (default 0: off)")
     add("--tensorboard", action="store_true", help="log scalars to output_dir/tensorboard")
     add("--wandb", action="store_true", help="log scalars to Weights & Biases (needs wandb installed)")
     add("--flop_counter", choices=["torch", "fvcore"], default="torch",
-        help="count visual-encoder GFLOPs with torch's FlopCounterMode or fvcore (if installed)")
+        help="count visual-encoder GMACs with torch's FlopCounterMode (default) or fvcore (if installed)")
     add("--options", nargs="+", default=[], metavar="KEY=VALUE",
         help="config overrides, e.g. --options init_lr=1e-5 testa_r=[1,12]")
     add("overrides", nargs="*", metavar="KEY=VALUE",

@@ -303,3 +303,18 @@ def test_rank_aware_print_silences_other_ranks_unless_forced(capsys):
     finally:
         builtins.print = original
     assert capsys.readouterr().out == "shown\n"
+
+
+def test_model_summary_prints_parameters_and_gmacs(capsys):
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 2 * 4 * 4, 10))
+    model = nn.ModuleDict({"visual_encoder": encoder, "head": nn.Linear(10, 2)})
+    model["head"].requires_grad_(False)
+    utils.print_model_summary(model, encoder, {"num_frm_test": 2, "image_size": 4})
+    out = capsys.readouterr().out
+    assert "parameters: 0.00M total" in out and "0.00 GMACs per clip (2 frames, 4px" in out
+
+
+def test_loop_options_from_args():
+    args = utils.build_arg_parser("t").parse_args(["--config", "c", "--output_dir", "o",
+                                                   "--accumulation_steps", "4", "--max_grad_norm", "2"])
+    assert utils.LoopOptions.from_args(args, seed=7) == utils.LoopOptions(4, 2.0, 50, 0, 7)
