@@ -522,15 +522,6 @@ class SmoothedValue:
         self.count += n
         self.total += value * n
 
-    def synchronize_between_processes(self) -> None:
-        """Make total/count global (window stays local: it is for display only)."""
-        if get_world_size() == 1:
-            return
-        totals = torch.tensor([self.count, self.total], dtype=torch.float64,
-                              device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(totals)
-        self.count, self.total = int(totals[0].item()), totals[1].item()
-
     @property
     def median(self) -> float:
         return float(np.median(self.window)) if self.window else 0.0
@@ -566,8 +557,15 @@ class MetricLogger:
         self.meters[name] = meter
 
     def synchronize_between_processes(self) -> None:
-        for meter in self.meters.values():
-            meter.synchronize_between_processes()
+        """Make every meter's count and total global in one all_reduce (windows stay local)."""
+        if get_world_size() == 1:
+            return
+        names = sorted(self.meters)  # the same order on every rank
+        totals = torch.tensor([[self.meters[name].count, self.meters[name].total] for name in names],
+                              dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(totals)
+        for name, (count, total) in zip(names, totals.tolist()):
+            self.meters[name].count, self.meters[name].total = int(count), total
 
     def global_averages(self) -> dict:
         return {name: meter.global_avg for name, meter in self.meters.items()}
@@ -769,7 +767,11 @@ def load_checkpoint(path) -> dict:
 
 def load_model_state(model: torch.nn.Module, state_dict: dict, source: str) -> None:
     """Strict load that names missing/unexpected keys in one line instead of a traceback."""
-    result = unwrap_model(model).load_state_dict(state_dict, strict=False)
+    try:
+        result = unwrap_model(model).load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise UserError(f"checkpoint {source} does not match this model: "
+                        f"{' '.join(str(error).split())[:300]}") from None
     if result.missing_keys or result.unexpected_keys:
         def preview(keys):
             return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
@@ -825,7 +827,10 @@ class Checkpointer:
         if missing:
             raise UserError(f"checkpoint {path} is not a training checkpoint (no {', '.join(missing)})")
         load_model_state(self.model, state["model"], str(path))
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as error:
+            raise UserError(f"checkpoint {path}: optimiser state does not fit this model ({error})") from None
         if state.get("scaler"):
             self.precision.scaler.load_state_dict(state["scaler"])
         self.best_metric = state.get("best_metric")

@@ -242,6 +242,10 @@ def test_resume_errors_are_user_errors(tmp_path):
     utils.atomic_torch_save({"model": other.state_dict(), "optimizer": {}, "epoch": 0}, tmp_path / "other.pth")
     with pytest.raises(utils.UserError, match="does not match this model: 4 missing keys"):
         checkpointer.resume(str(tmp_path / "other.pth"))
+    reshaped = {key: value[..., :1] for key, value in model.state_dict().items()}
+    utils.atomic_torch_save({"model": reshaped, "optimizer": {}, "epoch": 0}, tmp_path / "reshaped.pth")
+    with pytest.raises(utils.UserError, match="does not match this model: .*size mismatch"):
+        checkpointer.resume(str(tmp_path / "reshaped.pth"))
 
 
 # ---- logging ------------------------------------------------------------------------------
