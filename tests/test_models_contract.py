@@ -1,0 +1,59 @@
+"""The checkpoint contract: base-size models from the real configs have the released key names,
+shapes, dtypes and tied groups (../shared/checkpoints/keys). Built on the meta device: no memory."""
+from collections import defaultdict
+
+import pytest
+import torch
+
+from models import build_pretrain_model, build_qa_model, build_retrieval_model
+from tests.helpers import REPO_ROOT, read_yaml
+
+CASES = {
+    "testa_retrieval_queryd_f32": (build_retrieval_model, "retrieval_queryd_f32.yaml", {}),
+    "testa_retrieval_queryd_f32_lts": (build_retrieval_model, "retrieval_queryd_f32.yaml",
+                                       {"learnable_temporal_scaling": True}),
+    "testa_retrieval_queryd_f32_space_only": (build_retrieval_model, "retrieval_queryd_f32.yaml",
+                                              {"attention_type": "space_only"}),
+    "testa_retrieval_queryd_f32_nomerge": (build_retrieval_model, "retrieval_queryd_f32.yaml",
+                                           {"token_merging": False}),
+    "testa_vqa_activitynet_f32": (build_qa_model, "vqa_activitynet.yaml", {}),
+    "testa_vqa_activitynet_f32_lts": (build_qa_model, "vqa_activitynet.yaml", {"learnable_temporal_scaling": True}),
+    "testa_vqa_activitynet_f32_space_only": (build_qa_model, "vqa_activitynet.yaml", {"attention_type": "space_only"}),
+    "blip_pretrain_timesformer": (build_pretrain_model, "pretrain_timesformer.yaml", {}),
+    "blip_pretrain_timesformer_nolts": (build_pretrain_model, "pretrain_timesformer.yaml",
+                                        {"learnable_temporal_scaling": False}),
+    "blip_pretrain_timesformer_space_only": (build_pretrain_model, "pretrain_timesformer.yaml",
+                                             {"attention_type": "space_only"}),
+    "blip_pretrain_timesformer_from_blip": (build_pretrain_model, "pretrain_timesformer_from_blip.yaml", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def keys_dir(reference_dir):
+    return reference_dir.parent / "checkpoints" / "keys"
+
+
+def read_contract(keys_dir, stem):
+    entries = []
+    for line in (keys_dir / f"{stem}_state_dict.txt").read_text().splitlines():
+        name, shape, dtype = line.split("\t")
+        entries.append((name, eval(shape), dtype))  # shapes are plain Python lists
+    tied = {frozenset(line.split("\t")) for line in (keys_dir / f"{stem}_tied.txt").read_text().splitlines() if line}
+    return entries, tied
+
+
+@pytest.mark.parametrize("stem", sorted(CASES))
+def test_state_dict_matches_released_keys(keys_dir, stem):
+    builder, config_file, overrides = CASES[stem]
+    config = {**read_yaml(REPO_ROOT / "configs" / config_file), **overrides}
+    with torch.device("meta"):
+        model = builder(config)  # `pretrained` is only read by the scripts
+    state = model.state_dict(keep_vars=True)
+    actual = [(name, list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in state.items()]
+    expected, expected_tied = read_contract(keys_dir, stem)
+    assert actual == expected
+
+    groups = defaultdict(list)
+    for name, tensor in state.items():
+        groups[id(tensor)].append(name)
+    assert {frozenset(g) for g in groups.values() if len(g) > 1} == expected_tied
