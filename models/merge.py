@@ -38,9 +38,15 @@ def clamp_r(r: int, num_tokens: int, num_protected: int = 0) -> int:
 
 
 def _unit_scores(metric: Tensor) -> Tensor:
-    """Cosine similarity of every A (even) token with every B (odd) token."""
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    return metric[..., ::2, :] @ metric[..., 1::2, :].transpose(-1, -2)
+    """Cosine similarity of every A (even) token with every B (odd) token.
+
+    Computed in float32 even under autocast: bfloat16 scores would tie often and make
+    the merge decisions arbitrary. The metric is small (one head-width per token).
+    """
+    with torch.autocast(metric.device.type, enabled=False):
+        metric = metric.float()
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        return metric[..., ::2, :] @ metric[..., 1::2, :].transpose(-1, -2)
 
 
 def _select(score: Tensor, partner: Tensor, r: int, num_tokens: int) -> Matching:

@@ -54,13 +54,20 @@ def resize_time_embed(time_embed: Tensor, num_frames: int, mode: str = "nearest"
 
 
 # ----------------------------------------------------------------------------- layers
-def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
-    """Stochastic depth: drop the whole residual branch per sample (dim 0)."""
+def drop_path_mask(batch: int, rate: float, training: bool, like: Tensor) -> Optional[Tensor]:
+    """Stochastic depth: per-sample keep mask scaled by 1/keep, or None when nothing drops.
+
+    One mask per residual branch, so a sample's [CLS] and patches drop together.
+    """
     if rate == 0.0 or not training:
-        return x
+        return None
     keep = 1.0 - rate
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
+    return like.new_empty(batch).bernoulli_(keep).div_(keep)
+
+
+def drop_path(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Apply a ``drop_path_mask`` along dim 0 of ``x``."""
+    return x if mask is None else x * mask.view((-1,) + (1,) * (x.dim() - 1))
 
 
 class Attention(nn.Module):
@@ -158,8 +165,8 @@ class DividedSpaceTimeBlock(nn.Module):
         self.frame_cap_protected = frame_cap_protected
         self.prop_attn = prop_attn
 
-    def _drop(self, x: Tensor) -> Tensor:
-        return drop_path(x, self.drop_path_rate, self.training)
+    def _drop_mask(self, like: Tensor) -> Optional[Tensor]:
+        return drop_path_mask(like.shape[0], self.drop_path_rate, self.training, like)
 
     def frame_scale(self, frame_source: Tensor) -> Tensor:
         """Per-sample (B, T) temporal scaling: the mean over the original frames of each frame."""
@@ -178,7 +185,7 @@ class DividedSpaceTimeBlock(nn.Module):
         attended = attended.view(batch, num_patches, num_frames, dim)
         if self.temporal_scaling is not None:
             attended = attended * self.frame_scale(frame_source)[:, None, :, None]
-        patches = patches + self._drop(self.temporal_fc(attended))
+        patches = patches + drop_path(self.temporal_fc(attended), self._drop_mask(patches))
 
         # 2. frame aggregation: whole frames, decided by a vote over patch positions
         if frame_r:
@@ -205,7 +212,7 @@ class DividedSpaceTimeBlock(nn.Module):
             log_size = _log_size(F.pad(frame_sizes, (1, 0), value=1.0), True)
         attended, keys = self.attn(self.norm1(frames.view(-1, 1 + num_patches, dim)), log_size,
                                    return_keys=patch_r > 0)
-        attended = self._drop(attended.view(batch, num_frames, 1 + num_patches, dim))
+        attended = drop_path(attended.view(batch, num_frames, 1 + num_patches, dim), self._drop_mask(patches))
         cls = cls + attended[:, :, 0].mean(dim=1, keepdim=True)
         patches = patches + attended[:, :, 1:].transpose(1, 2)
 
@@ -220,8 +227,9 @@ class DividedSpaceTimeBlock(nn.Module):
                 source = apply_matching(source, per_frame, dim=1)
 
         # 5. MLP
-        cls = cls + self._drop(self.mlp(self.norm2(cls)))
-        patches = patches + self._drop(self.mlp(self.norm2(patches)))
+        keep = self._drop_mask(patches)
+        cls = cls + drop_path(self.mlp(self.norm2(cls)), keep)
+        patches = patches + drop_path(self.mlp(self.norm2(patches)), keep)
         return VideoTokens(cls, patches, size, frame_source, source)
 
 
@@ -250,7 +258,7 @@ class ViTBlock(nn.Module):
         merge_r = clamp_r(self.merge_r, x.shape[1], num_protected=1)
         log_size = _log_size(None if size is None else size.squeeze(-1), self.prop_attn)
         attended, keys = self.attn(self.norm1(x), log_size, return_keys=merge_r > 0)
-        x = x + drop_path(attended, self.drop_path_rate, self.training)
+        x = x + drop_path(attended, drop_path_mask(x.shape[0], self.drop_path_rate, self.training, x))
         if merge_r:
             matching = bipartite_soft_matching(keys, merge_r, protect_first=True)
             along_tokens = matching.broadcast(lambda index: index[..., None])
@@ -258,7 +266,8 @@ class ViTBlock(nn.Module):
             x, size = merge_weighted(x, size, along_tokens, dim=1)
             if source is not None:
                 source = apply_matching(source, along_tokens, dim=1)
-        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+        keep = drop_path_mask(x.shape[0], self.drop_path_rate, self.training, x)
+        x = x + drop_path(self.mlp(self.norm2(x)), keep)
         return Tokens(x, size, source)
 
 
