@@ -159,20 +159,6 @@ def gather_objects(obj) -> list:
     return gathered
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over ranks in place (used to assemble score matrices sharded by rank)."""
-    if get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def shard_bounds(num_items: int) -> tuple[int, int]:
-    """The [start, end) slice of `num_items` this rank handles in sharded evaluation."""
-    per_rank = math.ceil(num_items / get_world_size())
-    start = min(num_items, get_rank() * per_rank)
-    return start, min(num_items, start + per_rank)
-
-
 def wrap_distributed(model: torch.nn.Module, device: torch.device,
                      find_unused_parameters: bool = False) -> torch.nn.Module:
     """DistributedDataParallel around `model` when distributed, else the model itself."""
@@ -229,7 +215,7 @@ def set_rng_state(state: dict) -> None:
 # Every key the published configs use. A key outside this set is a typo until added here.
 KNOWN_CONFIG_KEYS = frozenset({
     # model
-    "vit", "image_size", "patch_size", "vision_width", "num_heads", "num_frames",
+    "vit", "image_size", "patch_size", "vision_width", "num_heads", "depth", "num_frames",
     "num_frm_train", "num_frm_test", "attention_type", "learnable_temporal_scaling",
     "token_merging", "testa_r", "merging_type", "prop_attn", "vit_grad_ckpt",
     "vit_ckpt_layer", "drop_path_rate", "pretrained", "med_config", "tokenizer",
@@ -943,6 +929,62 @@ def print_model_summary(model: torch.nn.Module, visual_encoder: torch.nn.Module 
         gmacs = visual_gmacs_per_clip(visual_encoder, num_frames, config["image_size"], counter)
         print(f"visual encoder: {gmacs:.2f} GMACs per clip ({num_frames} frames, "
               f"{config['image_size']}px; counted by {counter})")
+
+
+# ---- The epoch loop the scripts share --------------------------------------------------
+def fit(run: Run, model: torch.nn.Module, train_loader, compute_losses, schedule: str,
+        validate: Callable[[torch.nn.Module, int], dict] | None = None, best_metric: str | None = None,
+        test: Callable[[torch.nn.Module], dict] | None = None, bad_input_datasets=(),
+        checkpoint_every_epoch: bool = False) -> None:
+    """Train for config['max_epoch'] epochs, resuming where a previous run stopped.
+
+    After each epoch: report unreadable inputs, `validate(model, epoch)`, save checkpoint_best.pth
+    when `best_metric` improves, checkpoint_last.pth (and checkpoint_XX.pth if asked), and
+    one JSON line in log.txt. Finally `test(model)` runs with the best weights.
+    """
+    args, config = run.args, run.config
+    wrapped = wrap_distributed(model, run.device)
+    optimizer = create_optimizer(model, config)
+    lr_schedule = make_lr_schedule(config, schedule)
+    checkpointer = Checkpointer(run.output_dir, wrapped, optimizer, run.precision, config)
+    resume = checkpointer.resume(args.checkpoint)
+    options = LoopOptions.from_args(args, run.seed)
+    experiment_logger = ExperimentLogger(run.output_dir, config, args.tensorboard, args.wandb)
+    for epoch in range(resume.epoch if resume else 0, config["max_epoch"]):
+        stats = train_one_epoch(wrapped, train_loader, optimizer, epoch, compute_losses, run.precision,
+                                options, lr_schedule, checkpointer, resume, experiment_logger)
+        for dataset in bad_input_datasets:
+            count = dataset.bad_inputs.count()
+            if count:
+                print(f"epoch {epoch}: {count} unreadable inputs were replaced "
+                      f"(first: {dataset.bad_inputs.paths()[:3]})")
+                dataset.bad_inputs.reset()
+        val = validate(model, epoch) if validate is not None else {}
+        if best_metric is not None and best_metric in val and (
+                checkpointer.best_metric is None or val[best_metric] > checkpointer.best_metric):
+            checkpointer.best_metric = val[best_metric]
+            checkpointer.save("checkpoint_best.pth", epoch, epoch_complete=True)
+        if checkpoint_every_epoch:
+            checkpointer.save(f"checkpoint_{epoch:02d}.pth", epoch, epoch_complete=True)
+        checkpointer.save("checkpoint_last.pth", epoch, epoch_complete=True)
+        log_epoch(run.output_dir, epoch, train=stats, val=val)
+        experiment_logger.log({f"val/{name}": value for name, value in val.items()
+                               if isinstance(value, (int, float))}, checkpointer.global_step)
+    experiment_logger.close()
+    if test is not None:
+        best = run.output_dir / "checkpoint_best.pth"
+        if best.is_file():
+            load_model_state(model, load_checkpoint(best)["model"], str(best))
+            print(f"testing the best weights ({best_metric} = {checkpointer.best_metric})")
+        test(model)
+
+
+def write_results(output_dir, filename: str, record: dict) -> None:
+    """Append `record` as one JSON line to output_dir/filename and print it (rank 0)."""
+    if is_main_process():
+        with open(Path(output_dir) / filename, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    print(json.dumps(record, indent=1))
 
 
 # ---- Metrics ---------------------------------------------------------------------------

@@ -24,11 +24,12 @@ import torch
 from torch import nn
 
 from models.timesformer import resize_pos_embed, resize_time_embed
+from utils import UserError
 
 VISUAL_PREFIXES = ("visual_encoder.", "visual_encoder_m.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be loaded into the requested model."""
 
 

@@ -67,8 +67,6 @@ def _worker(rank, port, output_dir):
         merged = utils.merge_rank_results([[{"question_id": 1}, {"question_id": 3}],
                                            [{"question_id": 2}, {"question_id": 1}]][rank])
         assert [item["question_id"] for item in merged] == [1, 2, 3]
-        assert utils.shard_bounds(5) == [(0, 3), (3, 5)][rank]
-        assert utils.all_reduce_sum(torch.tensor([rank + 1.0])).item() == 3.0
 
         logger = utils.MetricLogger()
         logger.update(loss=1.0 + 2 * rank)
@@ -98,4 +96,4 @@ def test_gather_helpers_and_rng_checkpoint_with_two_processes(tmp_path):
 def test_single_process_fallbacks():
     x = torch.ones(2, 3, requires_grad=True)
     assert utils.all_gather_with_grad(x) is x and utils.concat_all_gather(x) is x
-    assert utils.gather_objects(5) == [5] and utils.shard_bounds(7) == (0, 7)
+    assert utils.gather_objects(5) == [5]
