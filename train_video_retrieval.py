@@ -1,0 +1,144 @@
+"""Fine-tune and evaluate TESTA on paragraph-to-video retrieval.
+
+Datasets: QuerYD, DiDeMo, ActivityNet Captions, Condensed Movies (`dataset:` in the config).
+Trains with ITC + ITM, evaluates on val every epoch (keeping checkpoint_best.pth by the mean
+recall), then tests with the best weights. `--evaluate` only tests the `pretrained` weights.
+"""
+import io
+import json
+import zipfile
+
+import numpy as np
+import torch
+
+import utils
+from data import create_dataset, create_loader, create_sampler, shard_indices
+from models import build_retrieval_model
+from models.testa_retrieval import rerank_scores
+
+TEXT_BATCH = 256
+
+
+def parse_args():
+    return utils.build_arg_parser(__doc__).parse_args()
+
+
+def video_batch(video: torch.Tensor) -> torch.Tensor:
+    """Loaders give (B, T, C, H, W); the encoder takes (B, C, T, H, W)."""
+    return video.permute(0, 2, 1, 3, 4)
+
+
+def my_shard(num_items: int) -> range:
+    return shard_indices(num_items, utils.get_world_size(), utils.get_rank())
+
+
+def gather_in_rank_order(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's (CPU) shard in rank order: the dataset order of shard_indices."""
+    return torch.cat(utils.gather_objects(tensor.cpu()))
+
+
+@torch.no_grad()
+def score_matrices(model, loader, dataset, run) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text x video, video x text) scores: ITC for all pairs, ITM + ITC on each query's top k_test.
+
+    Every rank encodes its shard of the texts and videos; the features are gathered, and
+    each rank re-ranks its shard of the queries, so the result equals a single process's.
+    """
+    model.eval()
+    device, config = run.device, run.config
+    low_resource = config.get("low_resource_eval", False)
+    input_ids, attention_mask = model.tokenize(dataset.text)
+    text_feats = []
+    texts = my_shard(len(dataset.text))
+    for start in range(texts.start, texts.stop, TEXT_BATCH):
+        stop = min(start + TEXT_BATCH, texts.stop)
+        with run.precision.autocast():
+            text_feats.append(model.encode_text(input_ids[start:stop], attention_mask[start:stop])[1].float())
+    embed_dim = model.text_proj.out_features
+    text_feat = gather_in_rank_order(torch.cat(text_feats) if text_feats else torch.empty(0, embed_dim))
+
+    video_tokens, video_feats = [], []
+    logger = utils.MetricLogger()
+    for video, _ in logger.log_every(loader, 10, "Encoding videos:"):
+        with run.precision.autocast():
+            tokens, feat = model.encode_video(video_batch(video.to(device, non_blocking=True)))
+        # --low_resource_eval: the cached tokens are the memory peak of long-video evaluation.
+        video_tokens.append(tokens.to("cpu", torch.float16) if low_resource else tokens.float())
+        video_feats.append(feat.float())
+    video_tokens = gather_in_rank_order(torch.cat(video_tokens))
+    video_feat = gather_in_rank_order(torch.cat(video_feats))
+    if not low_resource:
+        video_tokens = video_tokens.to(device)
+
+    sims = (video_feat @ text_feat.T).to(device)
+    k, batch = config["k_test"], config.get("k_test_batch_size") or 128
+    parts = []
+    for matrix, video_rows in ((sims, True), (sims.T, False)):
+        rows = torch.tensor(my_shard(matrix.shape[0]), dtype=torch.long)
+        with run.precision.autocast():
+            part = rerank_scores(model, matrix, k, video_tokens, input_ids, attention_mask, rows, video_rows, batch)
+        parts.append(gather_in_rank_order(part))
+    scores_v2t, scores_t2v = parts
+    return scores_t2v, scores_v2t
+
+
+def evaluate(model, loader, dataset, run, split: str) -> dict:
+    scores_t2v, scores_v2t = score_matrices(utils.unwrap_model(model), loader, dataset, run)
+    if run.config["dataset"] == "retrieval_condensedmovies" and split == "test":
+        # The challenge's test labels are private: write the submission instead of metrics.
+        if utils.is_main_process():
+            buffer = io.BytesIO()
+            np.save(buffer, scores_t2v.numpy())
+            with zipfile.ZipFile(run.output_dir / "submission.zip", "w") as archive:
+                archive.writestr("sim_matrix_test.npy", buffer.getvalue())
+        print(f"wrote {run.output_dir / 'submission.zip'} (text-to-video scores, {tuple(scores_t2v.shape)})")
+        return {}
+    return utils.retrieval_metrics(scores_t2v, scores_v2t, dataset.txt2video, dataset.video2txt)
+
+
+def main():
+    args = parse_args()
+    run = utils.setup_run(args)
+    config = run.config
+    utils.require_keys(config, ["dataset", "video_root", "ann_root", "k_test", "queue_size"], "retrieval")
+    eval_split_names = ["test"] if args.evaluate else ["val", "test"]
+    datasets = {split: create_dataset(config["dataset"], config, split) for split in eval_split_names}
+    if not args.evaluate:
+        datasets["train"] = create_dataset(config["dataset"], config, "train")
+    splits = list(datasets)
+    world, rank = utils.get_world_size(), utils.get_rank()
+    samplers = create_sampler([datasets[s] for s in splits], [s == "train" for s in splits], world, rank, run.seed)
+    loaders = dict(zip(splits, create_loader(
+        [datasets[s] for s in splits], samplers,
+        [config["batch_size_train"] if s == "train" else config["batch_size_test"] for s in splits],
+        [config.get("num_workers", 4)] * len(splits), [s == "train" for s in splits], [None] * len(splits),
+        pin_memory=run.device.type == "cuda")))
+
+    model = build_retrieval_model(config, config.get("pretrained") or None).to(run.device)
+    utils.print_model_summary(model, model.visual_encoder, config, args.flop_counter)
+    protocol = {"frames": config["num_frm_test"], "image_size": config["image_size"], "k_test": config["k_test"],
+                "checkpoint": config.get("pretrained") or None}
+
+    def test(tested_model, results_file: str) -> dict:
+        metrics = evaluate(tested_model, loaders["test"], datasets["test"], run, "test")
+        utils.write_results(run.output_dir, results_file, {"split": "test", **protocol, **metrics})
+        return metrics
+
+    if args.evaluate:
+        test(model, "evaluate.txt")
+        return
+
+    def compute_losses(model, batch, context):
+        video, captions, idx = batch
+        alpha = utils.alpha_ramp(config["alpha"], context.epoch, context.step, context.steps_per_epoch,
+                                 ramp_epochs=1)
+        return model(video_batch(video), captions, alpha, idx)
+
+    utils.fit(run, model, loaders["train"], compute_losses, "cosine",
+              validate=lambda m, epoch: evaluate(m, loaders["val"], datasets["val"], run, "val"),
+              best_metric="r_mean", test=lambda m: test(m, "test_results.txt"),
+              bad_input_datasets=[datasets["train"]])
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)
