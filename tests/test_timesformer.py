@@ -211,6 +211,10 @@ def test_initialisation_starts_as_a_per_frame_image_encoder():
     ("testa_retrieval_queryd_f32", {}),
     ("testa_retrieval_queryd_f32_lts", dict(learnable_temporal_scaling=True)),
     ("testa_retrieval_queryd_f32_space_only", dict(attention_type="space_only")),
+    ("blip_pretrain_timesformer", dict(num_frames=8, learnable_temporal_scaling=True)),
+    # space_only has no temporal attention, so no temporal scaling either
+    ("blip_pretrain_timesformer_space_only", dict(num_frames=8, learnable_temporal_scaling=True,
+                                                  attention_type="space_only")),
 ])
 def test_base_encoder_keys_and_shapes_match_the_released_checkpoints(reference_dir, stem, kwargs):
     listing = reference_dir.parent / "checkpoints" / "keys" / f"{stem}_state_dict.txt"
@@ -219,8 +223,9 @@ def test_base_encoder_keys_and_shapes_match_the_released_checkpoints(reference_d
         name, shape, _ = line.split("\t")
         if name.startswith(PREFIX):
             expected.append((name[len(PREFIX):], [int(s) for s in shape.strip("[]").split(",") if s.strip()]))
+    published = dict(num_frames=32, token_merging=True, testa_r=[1, 12] * 12)
     with torch.device("meta"):
-        encoder = TimeSformer(num_frames=32, token_merging=True, testa_r=[1, 12] * 12, **kwargs)
+        encoder = TimeSformer(**{**published, **kwargs})
     ours = [(name, list(value.shape)) for name, value in encoder.state_dict().items()]
     assert ours == expected
 
