@@ -51,7 +51,8 @@ def _unit_scores(metric: Tensor) -> Tensor:
 
 def _select(score: Tensor, partner: Tensor, r: int, num_tokens: int) -> Matching:
     """Turn per-A-token best scores/partners (G, n_a) into a Matching that merges the top r."""
-    order = score.argsort(dim=-1, descending=True)
+    # Stable, so equal scores (e.g. several -inf) resolve the same way on every device.
+    order = score.argsort(dim=-1, descending=True, stable=True)
     merged_a = order[..., :r]
     # Sorting the survivors keeps them in their original order (and a protected first token first).
     kept_a = order[..., r:].sort(dim=-1).values
