@@ -60,11 +60,11 @@ def main():
     splits = ["test"] if args.evaluate else ["train", "val", "test"]
     datasets = {split: create_dataset(config["dataset"], config, split) for split in splits}
     is_train = [split == "train" for split in splits]
+    batch_sizes = [config["batch_size_train"] if train else config["batch_size_test"] for train in is_train]
     samplers = create_sampler([datasets[s] for s in splits], is_train, utils.get_world_size(), utils.get_rank(),
-                              run.seed)
+                              run.seed, batch_sizes)
     loaders = dict(zip(splits, create_loader(
-        [datasets[s] for s in splits], samplers,
-        [config["batch_size_train"] if train else config["batch_size_test"] for train in is_train],
+        [datasets[s] for s in splits], samplers, batch_sizes,
         [config.get("num_workers", 4)] * len(splits), is_train,
         [vqa_collate_fn if train else None for train in is_train], pin_memory=run.device.type == "cuda")))
 

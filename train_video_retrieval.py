@@ -14,7 +14,7 @@ import torch
 import utils
 from data import create_dataset, create_loader, create_sampler, shard_indices
 from models import build_retrieval_model
-from models.testa_retrieval import rerank_scores
+from models.testa_retrieval import rerank_scores, rows_per_itm_batch
 
 TEXT_BATCH = 256
 
@@ -28,13 +28,16 @@ def video_batch(video: torch.Tensor) -> torch.Tensor:
     return video.permute(0, 2, 1, 3, 4)
 
 
-def my_shard(num_items: int) -> range:
-    return shard_indices(num_items, utils.get_world_size(), utils.get_rank())
+def my_shard(num_items: int, unit: int) -> range:
+    """This rank's items, in whole batches of ``unit``: any process count computes the same batches."""
+    return shard_indices(num_items, utils.get_world_size(), utils.get_rank(), unit)
 
 
-def gather_in_rank_order(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's (CPU) shard in rank order: the dataset order of shard_indices."""
-    return torch.cat(utils.gather_objects(tensor.cpu()))
+def gather_in_rank_order(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate every rank's pieces (CPU) in rank order: the dataset order of shard_indices.
+    A rank may have none (more ranks than batches)."""
+    return torch.cat([piece for rank_pieces in utils.gather_objects([p.cpu() for p in pieces])
+                      for piece in rank_pieces])
 
 
 @torch.no_grad()
@@ -49,13 +52,12 @@ def score_matrices(model, loader, dataset, run) -> tuple[torch.Tensor, torch.Ten
     low_resource = config.get("low_resource_eval", False)
     input_ids, attention_mask = model.tokenize(dataset.text)
     text_feats = []
-    texts = my_shard(len(dataset.text))
+    texts = my_shard(len(dataset.text), TEXT_BATCH)
     for start in range(texts.start, texts.stop, TEXT_BATCH):
         stop = min(start + TEXT_BATCH, texts.stop)
         with run.precision.autocast():
             text_feats.append(model.encode_text(input_ids[start:stop], attention_mask[start:stop])[1].float())
-    embed_dim = model.text_proj.out_features
-    text_feat = gather_in_rank_order(torch.cat(text_feats) if text_feats else torch.empty(0, embed_dim))
+    text_feat = gather_in_rank_order(text_feats)
 
     video_tokens, video_feats = [], []
     logger = utils.MetricLogger()
@@ -65,8 +67,8 @@ def score_matrices(model, loader, dataset, run) -> tuple[torch.Tensor, torch.Ten
         # --low_resource_eval: the cached tokens are the memory peak of long-video evaluation.
         video_tokens.append(tokens.to("cpu", torch.float16) if low_resource else tokens.float())
         video_feats.append(feat.float())
-    video_tokens = gather_in_rank_order(torch.cat(video_tokens))
-    video_feat = gather_in_rank_order(torch.cat(video_feats))
+    video_tokens = gather_in_rank_order(video_tokens)
+    video_feat = gather_in_rank_order(video_feats)
     if not low_resource:
         video_tokens = video_tokens.to(device)
 
@@ -74,16 +76,18 @@ def score_matrices(model, loader, dataset, run) -> tuple[torch.Tensor, torch.Ten
     k, batch = config["k_test"], config.get("k_test_batch_size") or 128
     parts = []
     for matrix, video_rows in ((sims, True), (sims.T, False)):
-        rows = torch.tensor(my_shard(matrix.shape[0]), dtype=torch.long)
+        rows = torch.tensor(my_shard(matrix.shape[0], rows_per_itm_batch(k, batch)), dtype=torch.long)
         with run.precision.autocast():
             part = rerank_scores(model, matrix, k, video_tokens, input_ids, attention_mask, rows, video_rows, batch)
-        parts.append(gather_in_rank_order(part))
+        parts.append(gather_in_rank_order([part]))
     scores_v2t, scores_t2v = parts
     return scores_t2v, scores_v2t
 
 
 def evaluate(model, loader, dataset, run, split: str) -> dict:
     scores_t2v, scores_v2t = score_matrices(utils.unwrap_model(model), loader, dataset, run)
+    if split == "test" and utils.is_main_process():  # kept for analysis and for ensembling runs
+        utils.atomic_torch_save({"txt2video": scores_t2v, "video2txt": scores_v2t}, run.output_dir / "scores_test.pt")
     if run.config["dataset"] == "retrieval_condensedmovies" and split == "test":
         # The challenge's test labels are private: write the submission instead of metrics.
         if utils.is_main_process():
@@ -107,10 +111,11 @@ def main():
         datasets["train"] = create_dataset(config["dataset"], config, "train")
     splits = list(datasets)
     world, rank = utils.get_world_size(), utils.get_rank()
-    samplers = create_sampler([datasets[s] for s in splits], [s == "train" for s in splits], world, rank, run.seed)
+    batch_sizes = [config["batch_size_train"] if s == "train" else config["batch_size_test"] for s in splits]
+    samplers = create_sampler([datasets[s] for s in splits], [s == "train" for s in splits], world, rank, run.seed,
+                              batch_sizes)
     loaders = dict(zip(splits, create_loader(
-        [datasets[s] for s in splits], samplers,
-        [config["batch_size_train"] if s == "train" else config["batch_size_test"] for s in splits],
+        [datasets[s] for s in splits], samplers, batch_sizes,
         [config.get("num_workers", 4)] * len(splits), [s == "train" for s in splits], [None] * len(splits),
         pin_memory=run.device.type == "cuda")))
 

@@ -1,20 +1,26 @@
 """Samplers, evaluation sharding, the QA collate and the DataLoader factory."""
+import math
+
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .video import worker_init_fn
 
 
-def shard_indices(num_items, num_replicas, rank):
-    """Rank `rank`'s contiguous slice of range(num_items). The slices are disjoint and their
-    union, concatenated in rank order, is exactly range(num_items): gathering per-rank
-    results in rank order restores dataset order without padded duplicates."""
-    return range(rank * num_items // num_replicas, (rank + 1) * num_items // num_replicas)
+def shard_indices(num_items, num_replicas, rank, unit=1):
+    """Rank `rank`'s contiguous slice of range(num_items), made of whole `unit`s (batches).
+    The slices are disjoint and their union, concatenated in rank order, is exactly
+    range(num_items): gathering per-rank results in rank order restores dataset order
+    without padded duplicates. Whole batches mean every rank computes exactly the batches
+    a single process would, so sharded evaluation gives bit-identical results."""
+    units = math.ceil(num_items / unit)
+    start, stop = rank * units // num_replicas, (rank + 1) * units // num_replicas
+    return range(min(num_items, start * unit), min(num_items, stop * unit))
 
 
 class EvalShardSampler(Sampler):
-    def __init__(self, dataset, num_replicas, rank):
-        self.indices = shard_indices(len(dataset), num_replicas, rank)
+    def __init__(self, dataset, num_replicas, rank, unit=1):
+        self.indices = shard_indices(len(dataset), num_replicas, rank, unit)
 
     def __iter__(self):
         return iter(self.indices)
@@ -23,12 +29,14 @@ class EvalShardSampler(Sampler):
         return len(self.indices)
 
 
-def create_sampler(datasets, shuffles, num_tasks, global_rank, seed=0):
+def create_sampler(datasets, shuffles, num_tasks, global_rank, seed=0, batch_sizes=None):
     """Training (shuffle=True): DistributedSampler reshuffled per epoch from seed + epoch
-    (the loop calls sampler.set_epoch(epoch)). Evaluation: EvalShardSampler."""
+    (the loop calls sampler.set_epoch(epoch)). Evaluation: EvalShardSampler in whole batches
+    of `batch_sizes` (one per dataset; default 1)."""
+    batch_sizes = batch_sizes or [1] * len(datasets)
     return [DistributedSampler(dataset, num_replicas=num_tasks, rank=global_rank, shuffle=True, seed=seed)
-            if shuffle else EvalShardSampler(dataset, num_tasks, global_rank)
-            for dataset, shuffle in zip(datasets, shuffles)]
+            if shuffle else EvalShardSampler(dataset, num_tasks, global_rank, unit)
+            for dataset, shuffle, unit in zip(datasets, shuffles, batch_sizes)]
 
 
 def vqa_collate_fn(batch):

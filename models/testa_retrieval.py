@@ -73,23 +73,32 @@ class VideoRetrievalModel(VideoTextContrastive):
 
 
 
+def rows_per_itm_batch(k: int, batch_size: int) -> int:
+    """Queries whose top-k pairs fill one ITM batch of about ``batch_size`` pairs."""
+    return max(1, batch_size // k)
+
+
 @torch.no_grad()
 def rerank_scores(model: VideoRetrievalModel, sims: torch.Tensor, k: int, video_tokens: torch.Tensor,
                   input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, video_rows: bool,
                   batch_size: int = 128) -> torch.Tensor:
     """Scores of the given query ``rows`` of ``sims``: ITM + ITC on each row's top ``k``, -100 elsewhere.
 
-    ``sims`` is video x text when ``video_rows`` (video-to-text), else text x video. All
-    pairs of all rows go through ITM together, ``batch_size`` at a time, instead of one
-    query at a time.
+    ``sims`` is video x text when ``video_rows`` (video-to-text), else text x video. The
+    pairs of ``rows_per_itm_batch`` whole rows go through ITM together, instead of one query
+    at a time; a caller that shards rows in such groups gets the batches a single process gets.
     """
     rows = rows.to(sims.device)
     k = min(k, sims.shape[1])
     top_sims, top_columns = sims[rows].topk(k, dim=1)
-    query = rows.repeat_interleave(k)
-    candidate = top_columns.reshape(-1)
-    videos, texts = (query, candidate) if video_rows else (candidate, query)
-    itm = model.itm_scores(video_tokens, videos, input_ids, attention_mask, texts, batch_size).to(sims.device)
     scores = torch.full((len(rows), sims.shape[1]), -100.0, device=sims.device)
-    scores.scatter_(1, top_columns, itm.view(len(rows), k) + top_sims.float())
+    group = rows_per_itm_batch(k, batch_size)
+    for start in range(0, len(rows), group):
+        stop = min(start + group, len(rows))
+        query = rows[start:stop].repeat_interleave(k)
+        candidate = top_columns[start:stop].reshape(-1)
+        videos, texts = (query, candidate) if video_rows else (candidate, query)
+        itm = model.itm_scores(video_tokens, videos, input_ids, attention_mask, texts, len(query))
+        scores[start:stop].scatter_(1, top_columns[start:stop],
+                                    itm.to(sims.device).view(stop - start, k) + top_sims[start:stop].float())
     return scores

@@ -156,3 +156,11 @@ def test_restricted_unpickler_refuses_code_and_loads_plain_data(tmp_path):
     plain = {"v1": [["a", "red", "circle"]], "n": (1, 2.5), "s": {1, 2}}
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         assert restricted_loads(pickle.dumps(plain, protocol=protocol)) == plain
+
+
+@pytest.mark.parametrize("num_items, world, unit", [(10, 2, 4), (7, 3, 2), (5, 4, 8), (16, 2, 8)])
+def test_eval_shards_are_made_of_whole_batches(num_items, world, unit):
+    shards = [shard_indices(num_items, world, rank, unit) for rank in range(world)]
+    assert [i for shard in shards for i in shard] == list(range(num_items))
+    for shard in shards:
+        assert len(shard) == 0 or shard.start % unit == 0
