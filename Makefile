@@ -13,7 +13,7 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 install: $(VENV)/.installed
 
 toy: install
-	$(PY) -m models.smoke
+	$(PY) run_toy.py
 
 test: install
 	$(PY) -m pytest -q tests

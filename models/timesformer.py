@@ -490,7 +490,8 @@ def _source_with_cls(source: Tensor) -> Tensor:
 
 
 def build_video_encoder(config: dict) -> TimeSformer:
-    """TimeSformer from the YAML config keys used by the released configs."""
+    """TimeSformer from the YAML config keys used by the released configs (``depth`` defaults
+    to the released 12; the toy configs use fewer blocks)."""
     vit = config.get("vit", "timesformer")
     if vit != "timesformer":
         raise ValueError(f"config 'vit' must be 'timesformer' (the only video encoder), got {vit!r}")
@@ -502,6 +503,7 @@ def build_video_encoder(config: dict) -> TimeSformer:
         patch_size=config.get("patch_size", 16),
         embed_dim=config["vision_width"],
         num_heads=config["num_heads"],
+        depth=config.get("depth", 12),
         num_frames=num_frames,
         attention_type=config.get("attention_type", "divided_space_time"),
         learnable_temporal_scaling=config.get("learnable_temporal_scaling", False),
