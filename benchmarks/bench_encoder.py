@@ -137,6 +137,7 @@ def measure_frames(args, device, frames, merging_values, precisions, batches):
         row = dict(frames=frames, merging='on' if merging else 'off', precision=precision, batch=batch,
                    tokens_in=1 + (args.img_size // args.patch_size) ** 2 * frames, tokens_out=output.shape[1],
                    gmacs_per_clip=gmacs[merging], median_s=timing['median_s'], min_s=timing['min_s'],
+                   median_cpu_s=timing['median_cpu_s'],
                    times_s=timing['times_s'], clips_per_s=batch / timing['median_s'], gflops_per_s=achieved,
                    matmul_gflops_per_s=rates[precision], frac_matmul=achieved / rates[precision],
                    load_average_1min=[round(load_before, 2), round(load_after, 2)])
