@@ -1,10 +1,13 @@
 """The three entry scripts end to end on a generated toy corpus: single process and torchrun
 (2 gloo processes), resume, sharded evaluation, and one-line errors for bad input."""
+import io
 import json
 import os
 import subprocess
 import sys
+import zipfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -140,3 +143,14 @@ def test_help_documents_every_flag(script):
         assert flag in text, flag
     if script == "video_pretrain.py":
         assert "--sep_img" in text and "--img_config" in text
+
+
+def test_condensed_movies_test_split_writes_a_submission(corpus, tmp_path):
+    out = tmp_path / "cm"
+    run_script("train_video_retrieval.py", *retrieval_args(corpus, out, "dataset=retrieval_condensedmovies",
+                                                           f"video_root={corpus}/videos_mkv"),
+               "--evaluate", "--low_resource_eval")
+    with zipfile.ZipFile(out / "submission.zip") as archive:
+        scores = np.load(io.BytesIO(archive.read("sim_matrix_test.npy")))
+    test_rows = (corpus / "ann" / "test_challf0.csv").read_text().splitlines()[1:]
+    assert scores.shape == (len(test_rows), len(test_rows)) and np.isfinite(scores).all()
