@@ -10,7 +10,7 @@ import json
 import torch
 
 import utils
-from data import create_dataset, create_loader, create_sampler, vqa_collate_fn
+from data import create_split_loaders, vqa_collate_fn
 from models import build_qa_model
 
 
@@ -58,21 +58,13 @@ def main():
     config = run.config
     utils.require_keys(config, ["dataset", "video_root", "ann_root", "k_test"], "video QA")
     splits = ["test"] if args.evaluate else ["train", "val", "test"]
-    datasets = {split: create_dataset(config["dataset"], config, split) for split in splits}
-    is_train = [split == "train" for split in splits]
-    batch_sizes = [config["batch_size_train"] if train else config["batch_size_test"] for train in is_train]
-    samplers = create_sampler([datasets[s] for s in splits], is_train, utils.get_world_size(), utils.get_rank(),
-                              run.seed, batch_sizes)
-    loaders = dict(zip(splits, create_loader(
-        [datasets[s] for s in splits], samplers, batch_sizes,
-        [config.get("num_workers", 4)] * len(splits), is_train,
-        [vqa_collate_fn if train else None for train in is_train], pin_memory=run.device.type == "cuda")))
+    datasets, loaders = create_split_loaders(config["dataset"], config, splits, utils.get_world_size(),
+                                             utils.get_rank(), run.seed, train_collate_fn=vqa_collate_fn,
+                                             pin_memory=run.device.type == "cuda")
 
     model = build_qa_model(config, config.get("pretrained") or None).to(run.device)
     utils.print_model_summary(model, model.visual_encoder, config, args.flop_counter)
-    protocol = {"frames": config["num_frm_test"], "image_size": config["image_size"],
-                "inference": config.get("inference", "rank"), "k_test": config["k_test"],
-                "checkpoint": config.get("pretrained") or None}
+    protocol = utils.evaluation_protocol(config, inference=config.get("inference", "rank"))
 
     def test(tested_model, results_file: str) -> dict:
         tag = "zero_shot" if args.evaluate else "best"

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 import utils
-from data import create_dataset, create_loader, create_sampler, shard_indices
+from data import create_split_loaders, shard_indices
 from models import build_retrieval_model
 from models.testa_retrieval import rerank_scores, rows_per_itm_batch
 
@@ -105,24 +105,13 @@ def main():
     run = utils.setup_run(args)
     config = run.config
     utils.require_keys(config, ["dataset", "video_root", "ann_root", "k_test", "queue_size"], "retrieval")
-    eval_split_names = ["test"] if args.evaluate else ["val", "test"]
-    datasets = {split: create_dataset(config["dataset"], config, split) for split in eval_split_names}
-    if not args.evaluate:
-        datasets["train"] = create_dataset(config["dataset"], config, "train")
-    splits = list(datasets)
-    world, rank = utils.get_world_size(), utils.get_rank()
-    batch_sizes = [config["batch_size_train"] if s == "train" else config["batch_size_test"] for s in splits]
-    samplers = create_sampler([datasets[s] for s in splits], [s == "train" for s in splits], world, rank, run.seed,
-                              batch_sizes)
-    loaders = dict(zip(splits, create_loader(
-        [datasets[s] for s in splits], samplers, batch_sizes,
-        [config.get("num_workers", 4)] * len(splits), [s == "train" for s in splits], [None] * len(splits),
-        pin_memory=run.device.type == "cuda")))
+    splits = ["test"] if args.evaluate else ["train", "val", "test"]
+    datasets, loaders = create_split_loaders(config["dataset"], config, splits, utils.get_world_size(),
+                                             utils.get_rank(), run.seed, pin_memory=run.device.type == "cuda")
 
     model = build_retrieval_model(config, config.get("pretrained") or None).to(run.device)
     utils.print_model_summary(model, model.visual_encoder, config, args.flop_counter)
-    protocol = {"frames": config["num_frm_test"], "image_size": config["image_size"], "k_test": config["k_test"],
-                "checkpoint": config.get("pretrained") or None}
+    protocol = utils.evaluation_protocol(config)
 
     def test(tested_model, results_file: str) -> dict:
         metrics = evaluate(tested_model, loaders["test"], datasets["test"], run, "test")

@@ -979,6 +979,12 @@ def fit(run: Run, model: torch.nn.Module, train_loader, compute_losses, schedule
         test(model)
 
 
+def evaluation_protocol(config: dict, **extra) -> dict:
+    """What a result was measured with, stored next to the metrics."""
+    return {"frames": config.get("num_frm_test"), "image_size": config.get("image_size"),
+            "k_test": config.get("k_test"), "checkpoint": config.get("pretrained") or None, **extra}
+
+
 def write_results(output_dir, filename: str, record: dict) -> None:
     """Append `record` as one JSON line to output_dir/filename and print it (rank 0)."""
     if is_main_process():

@@ -63,3 +63,18 @@ def create_loader(datasets, samplers, batch_size, num_workers, is_trains, collat
             shuffle=is_train and sampler is None, collate_fn=collate_fn, drop_last=is_train,
             worker_init_fn=worker_init_fn, persistent_workers=False))
     return loaders
+
+
+def create_split_loaders(name, config, splits, num_tasks, global_rank, seed=0, train_collate_fn=None,
+                         pin_memory=True):
+    """Datasets and loaders of `splits` of dataset `name`, keyed by split: shuffled training
+    ('train', batch_size_train) and sharded evaluation (batch_size_test)."""
+    from .datasets import create_dataset
+
+    datasets = [create_dataset(name, config, split) for split in splits]
+    is_train = [split == "train" for split in splits]
+    batch_sizes = [config["batch_size_train"] if train else config["batch_size_test"] for train in is_train]
+    samplers = create_sampler(datasets, is_train, num_tasks, global_rank, seed, batch_sizes)
+    loaders = create_loader(datasets, samplers, batch_sizes, [config.get("num_workers", 4)] * len(splits), is_train,
+                            [train_collate_fn if train else None for train in is_train], pin_memory)
+    return dict(zip(splits, datasets)), dict(zip(splits, loaders))

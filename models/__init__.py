@@ -31,35 +31,36 @@ def _load(model, checkpoint: str | None):
     return model
 
 
-def build_retrieval_model(config: dict, checkpoint: str | None = None) -> VideoRetrievalModel:
+def _components(config: dict, bert_file: str, with_decoder: bool):
+    """Tokenizer, video encoder, text encoder and (optionally) the text decoder of a config."""
     tokenizer = init_tokenizer(config.get("tokenizer"))
     visual_encoder = build_video_encoder(config)
-    text_config = _text_config(config, "med_config.json", visual_encoder.embed_dim, len(tokenizer))
-    model = VideoRetrievalModel(visual_encoder, BertModel(text_config, add_pooling_layer=False), tokenizer,
-                                embed_dim=config.get("embed_dim", 256), queue_size=config["queue_size"],
-                                momentum=config.get("momentum", 0.995),
+
+    def text_config():
+        return _text_config(config, bert_file, visual_encoder.embed_dim, len(tokenizer))
+
+    text_encoder = BertModel(text_config(), add_pooling_layer=False)
+    text_decoder = BertLMHeadModel(text_config()) if with_decoder else None
+    return tokenizer, visual_encoder, text_encoder, text_decoder
+
+
+def build_retrieval_model(config: dict, checkpoint: str | None = None) -> VideoRetrievalModel:
+    tokenizer, visual_encoder, text_encoder, _ = _components(config, "med_config.json", with_decoder=False)
+    model = VideoRetrievalModel(visual_encoder, text_encoder, tokenizer, embed_dim=config.get("embed_dim", 256),
+                                queue_size=config["queue_size"], momentum=config.get("momentum", 0.995),
                                 negative_all_rank=config.get("negative_all_rank", False),
                                 max_words=config.get("max_words", 35))
     return _load(model, checkpoint)
 
 
 def build_qa_model(config: dict, checkpoint: str | None = None) -> VideoQAModel:
-    tokenizer = init_tokenizer(config.get("tokenizer"))
-    visual_encoder = build_video_encoder(config)
-    text_config = _text_config(config, "med_config.json", visual_encoder.embed_dim, len(tokenizer))
-    decoder_config = _text_config(config, "med_config.json", visual_encoder.embed_dim, len(tokenizer))
-    model = VideoQAModel(visual_encoder, BertModel(text_config, add_pooling_layer=False),
-                         BertLMHeadModel(decoder_config), tokenizer)
-    return _load(model, checkpoint)
+    tokenizer, visual_encoder, text_encoder, text_decoder = _components(config, "med_config.json", with_decoder=True)
+    return _load(VideoQAModel(visual_encoder, text_encoder, text_decoder, tokenizer), checkpoint)
 
 
 def build_pretrain_model(config: dict, checkpoint: str | None = None) -> VideoPretrainModel:
-    tokenizer = init_tokenizer(config.get("tokenizer"))
-    visual_encoder = build_video_encoder(config)
-    text_config = _text_config(config, "bert_config.json", visual_encoder.embed_dim, len(tokenizer))
-    decoder_config = _text_config(config, "bert_config.json", visual_encoder.embed_dim, len(tokenizer))
-    model = VideoPretrainModel(visual_encoder, BertModel(text_config, add_pooling_layer=False),
-                               BertLMHeadModel(decoder_config), tokenizer,
+    tokenizer, visual_encoder, text_encoder, text_decoder = _components(config, "bert_config.json", with_decoder=True)
+    model = VideoPretrainModel(visual_encoder, text_encoder, text_decoder, tokenizer,
                                embed_dim=config.get("embed_dim", 256), queue_size=config["queue_size"],
                                momentum=config.get("momentum", 0.995))
     return _load(model, checkpoint)
