@@ -160,9 +160,11 @@ def add_ratios(rows):
         unmerged = by_key.get((row['frames'], 'off', row['precision'], row['batch']))
         if row['merging'] == 'on' and unmerged:
             row['merge_speedup'] = unmerged['median_s'] / row['median_s']
+            row['merge_speedup_cpu_time'] = unmerged['median_cpu_s'] / row['median_cpu_s']
         fp32 = by_key.get((row['frames'], row['merging'], 'fp32', row['batch']))
         if row['precision'] != 'fp32' and fp32:
             row['speedup_vs_fp32'] = fp32['median_s'] / row['median_s']
+            row['speedup_vs_fp32_cpu_time'] = fp32['median_cpu_s'] / row['median_cpu_s']
 
 
 def target_checks(args, rows):
@@ -208,6 +210,9 @@ def main():
                         help='override the published schedule: comma list read in block order (frame&patch)')
     parser.add_argument('--profile', action='store_true',
                         help='profile one merged forward per config and report the merge bookkeeping share')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch CPU threads (default: torch\'s own choice). With 1 thread, process CPU '
+                             'time is a load-independent measure: no thread waits at a barrier for a busy core')
     parser.add_argument('--width', type=int, default=BASE_WIDTH['embed_dim'])
     parser.add_argument('--depth', type=int, default=BASE_WIDTH['depth'])
     parser.add_argument('--heads', type=int, default=BASE_WIDTH['num_heads'])
@@ -216,6 +221,8 @@ def main():
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     precisions = common.parse_list(args.precision) if args.precision else \
         (['fp32', 'bf16', 'fp16'] if device.type == 'cuda' else ['fp32', 'bf16'])
     merging_values = []
@@ -234,7 +241,7 @@ def main():
         rows += measure_frames(args, device, frames, merging_values, precisions, common.parse_list(args.batch, int))
     add_ratios(rows)
     common.print_table(rows, ['frames', 'merging', 'precision', 'batch', 'tokens_in', 'tokens_out',
-                              'gmacs_per_clip', 'median_s', 'min_s', 'clips_per_s', 'gflops_per_s', 'frac_matmul',
+                              'gmacs_per_clip', 'median_s', 'min_s', 'median_cpu_s', 'clips_per_s', 'gflops_per_s', 'frac_matmul',
                               'merge_speedup', 'speedup_vs_fp32', 'cos_vs_fp32', 'bookkeeping_share'],
                        title='video encoder forward (GMACs = multiply-adds; GFLOP/s = 2 per multiply-add)')
     checks = target_checks(args, rows)

@@ -382,7 +382,7 @@ def main():
         entry['gmacs_per_clip'] = {}
         for merging, encoder in encoders.items():
             with torch.inference_mode():
-                entry['gmacs_per_clip'][str(merging)] = round(common.count_gmacs(lambda: encoder(video)), 2)
+                entry['gmacs_per_clip'][str(merging)] = round(common.count_gmacs(lambda: encoder(video)), 4)
     if len(encoders) == 2:
         section_precision(report, args, device, size, encoders)
         section_backends(report, args, device, size, encoders[True])
