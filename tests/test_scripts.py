@@ -58,7 +58,7 @@ def test_retrieval_trains_validates_and_tests(finetuned_retrieval):
     epoch = last_json_line(out / "log.txt")
     assert epoch["epoch"] == 0 and {"train_loss_ita", "train_loss_itm", "val_r_mean"} <= set(epoch)
     result = last_json_line(out / "test_results.txt")
-    assert result["split"] == "test" and result["frames"] == 8 and result["k_test"] == 8
+    assert result["split"] == "test" and result["frames"] == 8 and result["k_test"] == 16
     for direction in ("txt2video", "video2txt"):
         for metric in ("r1", "r5", "r10", "r_mean", "median_rank", "mean_rank"):
             assert f"{direction}_{metric}" in result
