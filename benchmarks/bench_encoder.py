@@ -199,6 +199,26 @@ def target_checks(args, rows):
     return checks
 
 
+def count_only(args, device, merging_values, precision, info):
+    rows = []
+    for frames in common.parse_list(args.frames, int):
+        video = make_video(1, frames, args.img_size, device)
+        for merging in merging_values:
+            torch.manual_seed(0)
+            encoder = build_encoder(size_from_args(args), frames, merging, device, args.testa_r)
+            with torch.inference_mode(), common.autocast(device, precision):
+                gmacs = common.count_gmacs(lambda: encoder(video))
+                tokens_out = encoder(video).shape[1]
+            rows.append(dict(frames=frames, merging='on' if merging else 'off', tokens_in=1 + (
+                args.img_size // args.patch_size) ** 2 * frames, tokens_out=tokens_out, gmacs_per_clip=gmacs,
+                reference_gmacs=REFERENCE_GMACS.get((frames, merging)) if size_from_args(args) == BASE_WIDTH
+                and args.testa_r is None else None))
+            print(rows[-1], flush=True)
+    common.print_table(rows, ['frames', 'merging', 'tokens_in', 'tokens_out', 'gmacs_per_clip', 'reference_gmacs'],
+                       title='video encoder multiply-adds per clip')
+    common.write_json(args.out, dict(machine=info, args=vars(args), rows=rows))
+
+
 def main():
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument('--frames', default='8,32', help='comma list, e.g. 8,32,96')
@@ -210,6 +230,8 @@ def main():
                         help='override the published schedule: comma list read in block order (frame&patch)')
     parser.add_argument('--profile', action='store_true',
                         help='profile one merged forward per config and report the merge bookkeeping share')
+    parser.add_argument('--flops_only', action='store_true',
+                        help='only count multiply-adds and tokens (one forward per config, in the first precision)')
     parser.add_argument('--threads', type=int, default=None,
                         help='torch CPU threads (default: torch\'s own choice). With 1 thread, process CPU '
                              'time is a load-independent measure: no thread waits at a barrier for a busy core')
@@ -236,6 +258,9 @@ def main():
 
     info = common.machine_info(device)
     print(info, flush=True)
+    if args.flops_only:
+        count_only(args, device, merging_values, precisions[0], info)
+        return
     rows = []
     for frames in common.parse_list(args.frames, int):
         rows += measure_frames(args, device, frames, merging_values, precisions, common.parse_list(args.batch, int))
