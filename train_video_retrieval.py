@@ -36,6 +36,8 @@ def my_shard(num_items: int, unit: int) -> range:
 def gather_in_rank_order(pieces: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate every rank's pieces (CPU) in rank order: the dataset order of shard_indices.
     A rank may have none (more ranks than batches)."""
+    if utils.get_world_size() == 1 and len(pieces) == 1:
+        return pieces[0]  # nothing to gather, and no copy of a possibly huge token cache
     return torch.cat([piece for rank_pieces in utils.gather_objects([p.cpu() for p in pieces])
                       for piece in rank_pieces])
 
@@ -59,18 +61,23 @@ def score_matrices(model, loader, dataset, run) -> tuple[torch.Tensor, torch.Ten
             text_feats.append(model.encode_text(input_ids[start:stop], attention_mask[start:stop])[1].float())
     text_feat = gather_in_rank_order(text_feats)
 
-    video_tokens, video_feats = [], []
+    # The cached tokens are the memory peak of long-video evaluation: --low_resource_eval keeps
+    # them in fp16 on the CPU, and they are written into one preallocated tensor (a list of
+    # batches plus its concatenation would need twice the memory).
+    cache_device, cache_dtype = ("cpu", torch.float16) if low_resource else (device, torch.float32)
+    video_tokens, video_feats, filled = None, [], 0
     logger = utils.MetricLogger()
     for video, _ in logger.log_every(loader, 10, "Encoding videos:"):
         with run.precision.autocast():
             tokens, feat = model.encode_video(video_batch(video.to(device, non_blocking=True)))
-        # --low_resource_eval: the cached tokens are the memory peak of long-video evaluation.
-        video_tokens.append(tokens.to("cpu", torch.float16) if low_resource else tokens.float())
+        if video_tokens is None:
+            video_tokens = torch.empty((len(loader.sampler), *tokens.shape[1:]), dtype=cache_dtype,
+                                       device=cache_device)
+        video_tokens[filled:filled + len(tokens)] = tokens
+        filled += len(tokens)
         video_feats.append(feat.float())
-    video_tokens = gather_in_rank_order(video_tokens)
+    video_tokens = gather_in_rank_order([] if video_tokens is None else [video_tokens]).to(cache_device)
     video_feat = gather_in_rank_order(video_feats)
-    if not low_resource:
-        video_tokens = video_tokens.to(device)
 
     sims = (video_feat @ text_feat.T).to(device)
     k, batch = config["k_test"], config.get("k_test_batch_size") or 128
