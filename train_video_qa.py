@@ -66,14 +66,12 @@ def main():
     utils.print_model_summary(model, model.visual_encoder, config, args.flop_counter)
     protocol = utils.evaluation_protocol(config, inference=config.get("inference", "rank"))
 
-    def test(tested_model, results_file: str) -> dict:
+    def test(tested_model) -> dict:
         tag = "zero_shot" if args.evaluate else "best"
-        metrics = evaluate(tested_model, loaders["test"], datasets["test"], run, "test", tag)
-        utils.write_results(run.output_dir, results_file, {"split": "test", **protocol, **metrics})
-        return metrics
+        return evaluate(tested_model, loaders["test"], datasets["test"], run, "test", tag)
 
     if args.evaluate:
-        test(model, "evaluate.txt")
+        utils.report_test(run, model, test, "evaluate.txt", protocol)
         return
 
     def compute_losses(model, batch, context):
@@ -82,7 +80,7 @@ def main():
 
     utils.fit(run, model, loaders["train"], compute_losses, "cosine",
               validate=lambda m, epoch: evaluate(m, loaders["val"], datasets["val"], run, "val", f"epoch{epoch}"),
-              best_metric="accuracy", test=lambda m: test(m, "test_results.txt"),
+              best_metric="accuracy", test=test, protocol=protocol,
               bad_input_datasets=[datasets["train"]])
 
 

@@ -120,13 +120,11 @@ def main():
     utils.print_model_summary(model, model.visual_encoder, config, args.flop_counter)
     protocol = utils.evaluation_protocol(config)
 
-    def test(tested_model, results_file: str) -> dict:
-        metrics = evaluate(tested_model, loaders["test"], datasets["test"], run, "test")
-        utils.write_results(run.output_dir, results_file, {"split": "test", **protocol, **metrics})
-        return metrics
+    def test(tested_model) -> dict:
+        return evaluate(tested_model, loaders["test"], datasets["test"], run, "test")
 
     if args.evaluate:
-        test(model, "evaluate.txt")
+        utils.report_test(run, model, test, "evaluate.txt", protocol)
         return
 
     def compute_losses(model, batch, context):
@@ -137,7 +135,7 @@ def main():
 
     utils.fit(run, model, loaders["train"], compute_losses, "cosine",
               validate=lambda m, epoch: evaluate(m, loaders["val"], datasets["val"], run, "val"),
-              best_metric="r_mean", test=lambda m: test(m, "test_results.txt"),
+              best_metric="r_mean", test=test, protocol=protocol,
               bad_input_datasets=[datasets["train"]])
 
 

@@ -934,13 +934,14 @@ def print_model_summary(model: torch.nn.Module, visual_encoder: torch.nn.Module 
 # ---- The epoch loop the scripts share --------------------------------------------------
 def fit(run: Run, model: torch.nn.Module, train_loader, compute_losses, schedule: str,
         validate: Callable[[torch.nn.Module, int], dict] | None = None, best_metric: str | None = None,
-        test: Callable[[torch.nn.Module], dict] | None = None, bad_input_datasets=(),
-        checkpoint_every_epoch: bool = False) -> None:
+        test: Callable[[torch.nn.Module], dict] | None = None, protocol: dict | None = None,
+        bad_input_datasets=(), checkpoint_every_epoch: bool = False) -> None:
     """Train for config['max_epoch'] epochs, resuming where a previous run stopped.
 
     After each epoch: report unreadable inputs, `validate(model, epoch)`, save checkpoint_best.pth
     when `best_metric` improves, checkpoint_last.pth (and checkpoint_XX.pth if asked), and
-    one JSON line in log.txt. Finally `test(model)` runs with the best weights.
+    one JSON line in log.txt. Finally `test(model)` runs with the best weights and its
+    metrics go to test_results.txt with the evaluation `protocol`.
     """
     args, config = run.args, run.config
     wrapped = wrap_distributed(model, run.device)
@@ -976,13 +977,21 @@ def fit(run: Run, model: torch.nn.Module, train_loader, compute_losses, schedule
         if best.is_file():
             load_model_state(model, load_checkpoint(best)["model"], str(best))
             print(f"testing the best weights ({best_metric} = {checkpointer.best_metric})")
-        test(model)
+        report_test(run, model, test, "test_results.txt", protocol or {})
 
 
 def evaluation_protocol(config: dict, **extra) -> dict:
     """What a result was measured with, stored next to the metrics."""
     return {"frames": config.get("num_frm_test"), "image_size": config.get("image_size"),
             "k_test": config.get("k_test"), "checkpoint": config.get("pretrained") or None, **extra}
+
+
+def report_test(run: Run, model: torch.nn.Module, test: Callable[[torch.nn.Module], dict], filename: str,
+                protocol: dict) -> dict:
+    """Run `test(model)` and record its metrics with the protocol in output_dir/filename."""
+    metrics = test(model)
+    write_results(run.output_dir, filename, {"split": "test", **protocol, **metrics})
+    return metrics
 
 
 def write_results(output_dir, filename: str, record: dict) -> None:
