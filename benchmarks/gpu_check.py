@@ -249,9 +249,12 @@ def compile_worker(args, device, size):
     encoder = build_encoder(size, args.frames, True, device, args.testa_r)
     # Static shapes: each (precision, batch) compiles its own graph, so the most informative
     # ones (fp16 at the comparison batch, then batch 1) go first in case the timeout cuts in.
-    compiled = torch.compile(encoder, dynamic=False)
+    # mode 'reduce-overhead' adds CUDA graphs: it matters where kernel launches dominate (batch 1).
+    compiled = torch.compile(encoder, dynamic=False, mode=args.compile_mode)
+    result['mode'] = args.compile_mode
+    batches = [int(b) for b in args.compile_batches.split(',')] if args.compile_batches else [args.mid_batch, 1]
     for precision in ('fp16', 'bf16') if device.type == 'cuda' else ('bf16',):
-        for batch in (args.mid_batch, 1):
+        for batch in batches:
             video = make_video(batch, args.frames, size['img_size'], device)
             begin = time.perf_counter()
             forward = forward_closure(compiled, video, device, precision)
@@ -261,6 +264,12 @@ def compile_worker(args, device, size):
                        **measure(forward, device, batch, args.runs, args.warmup))
             reference = forward_closure(encoder, video, device, precision)()
             row['max_abs_diff_vs_eager'] = (forward().float() - reference.float()).abs().max().item()
+            # The reference path, timed in the same process for a same-machine ratio.
+            baseline = measure(forward_closure(encoder, video, device, 'fp16' if device.type == 'cuda' else 'bf16',
+                                               'math'), device, batch, args.runs, args.warmup)
+            row['eager_fp16_math_clips_per_s'] = baseline.get('clips_per_s')
+            if row.get('clips_per_s') and baseline.get('clips_per_s'):
+                row['speedup_vs_eager_fp16_math'] = round(row['clips_per_s'] / baseline['clips_per_s'], 2)
             result['rows'].append(row)
             print('  compiled', row, flush=True)
             save()
@@ -345,6 +354,8 @@ def main():
     parser.add_argument('--budget_s', type=float, default=220, help='skip sections past this many seconds')
     parser.add_argument('--compile_timeout_s', type=float, default=90)
     parser.add_argument('--compile_worker', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--compile_mode', default='default', help="torch.compile mode, e.g. 'reduce-overhead'")
+    parser.add_argument('--compile_batches', default=None, help='batches to compile, e.g. 1,16 (default: mid, 1)')
     args = parser.parse_args()
 
     smoke = args.smoke
