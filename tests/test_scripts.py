@@ -94,8 +94,10 @@ def test_resumed_run_continues_the_uninterrupted_loss_curve(corpus, tmp_path):
 
 def test_pretrain_with_separate_image_loader_under_torchrun(corpus, tmp_path):
     out = tmp_path / "pretrain"
+    image_config = tmp_path / "images.yaml"
+    image_config.write_text(f"train_file: [{corpus}/ann/pretrain_images.json]\nnum_frm_train: 2\nbatch_size: 2\n")
     run_script("video_pretrain.py", "--config", "configs/toy/pretrain.yaml", "--output_dir", out, "--sep_img",
-               "--img_config", "configs/toy/pretrain_images.yaml", f"video_root={corpus}",
+               "--img_config", image_config, f"video_root={corpus}",
                f"train_file=[{corpus}/ann/pretrain.json]", "batch_size=4", *SMALL, nproc=2)
     record = last_json_line(out / "log.txt")
     assert {"train_loss_ita", "train_loss_itm", "train_loss_lm"} <= set(record)
