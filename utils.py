@@ -36,6 +36,10 @@ class ConfigError(UserError):
     """A bad config file or `key=value` override."""
 
 
+class MissingFileError(UserError, FileNotFoundError):
+    """A file the user named (a checkpoint, say) does not exist."""
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run `main()`; user mistakes print one `error: ...` line to stderr and exit 1.
 
@@ -221,14 +225,14 @@ KNOWN_CONFIG_KEYS = frozenset({
     "vit_ckpt_layer", "drop_path_rate", "pretrained", "med_config", "tokenizer",
     "queue_size", "alpha", "negative_all_rank", "embed_dim", "momentum",
     # data
-    "dataset", "video_root", "ann_root", "image_root", "train_file", "max_words",
+    "dataset", "video_root", "ann_root", "train_file", "max_words",
     "frm_sampling_strategy", "video_resize", "answer_list", "num_workers",
     "batch_size", "batch_size_train", "batch_size_test",
     # optimisation
     "init_lr", "min_lr", "lr_decay_rate", "warmup_lr", "warmup_steps", "weight_decay",
     "max_epoch", "seed",
     # evaluation
-    "k_test", "k_test_batch_size", "low_resource_eval", "inference", "eval_every",
+    "k_test", "k_test_batch_size", "low_resource_eval", "inference",
 })
 
 
@@ -334,7 +338,7 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
     add("--num_workers", type=int, default=None,
         help="data-loader workers per process (default: the config's num_workers)")
     add("--k_test_batch_size", type=_positive_int, default=None,
-        help="queries re-ranked together by ITM in retrieval evaluation (default: the config's)")
+        help="ITM pairs scored per pass when re-ranking in retrieval evaluation (default: the config's, else 128)")
     add("--low_resource_eval", action="store_true",
         help="keep cached video features in half precision on the CPU during retrieval re-ranking")
     add("--log_every", type=_positive_int, default=50, help="print training progress every N steps (default: 50)")
@@ -740,11 +744,12 @@ def atomic_torch_save(obj, path) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def load_checkpoint(path) -> dict:
-    """Load a checkpoint on the CPU with weights_only=True; a missing file is a user error."""
+def read_checkpoint(path) -> dict:
+    """Read a checkpoint file on the CPU with weights_only=True (a file from the internet
+    cannot run code). Missing or unreadable files are reported in one line by run_cli."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -808,7 +813,7 @@ class Checkpointer:
         path = Path(checkpoint) if checkpoint else self.output_dir / "checkpoint_last.pth"
         if checkpoint is None and not path.is_file():
             return None
-        state = load_checkpoint(path)
+        state = read_checkpoint(path)
         missing = [key for key in ("model", "optimizer", "epoch") if key not in state]
         if missing:
             raise UserError(f"checkpoint {path} is not a training checkpoint (no {', '.join(missing)})")
@@ -975,7 +980,7 @@ def fit(run: Run, model: torch.nn.Module, train_loader, compute_losses, schedule
     if test is not None:
         best = run.output_dir / "checkpoint_best.pth"
         if best.is_file():
-            load_model_state(model, load_checkpoint(best)["model"], str(best))
+            load_model_state(model, read_checkpoint(best)["model"], str(best))
             print(f"testing the best weights ({best_metric} = {checkpointer.best_metric})")
         report_test(run, model, test, "test_results.txt", protocol or {})
 

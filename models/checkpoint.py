@@ -16,7 +16,6 @@ Any other shape mismatch is an error naming the key.
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from models.timesformer import resize_pos_embed, resize_time_embed
-from utils import UserError
+from utils import UserError, read_checkpoint
 
 VISUAL_PREFIXES = ("visual_encoder.", "visual_encoder_m.")
 
@@ -68,13 +67,8 @@ def _group_by_module(keys: list[str]) -> dict[str, list[str]]:
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file: ``{'model': sd, ...}``, ``{'state_dict': sd}`` or a bare state dict."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling errors come in many types
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+    """The state dict of a checkpoint file: ``{'model': sd, ...}``, ``{'state_dict': sd}`` or bare."""
+    checkpoint = read_checkpoint(path)
     if isinstance(checkpoint, dict):
         for key in ("model", "state_dict"):
             if isinstance(checkpoint.get(key), dict):
