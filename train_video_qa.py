@@ -47,7 +47,8 @@ def evaluate(model, loader, dataset, run, split: str, tag: str) -> dict:
         result_dir = run.output_dir / "result"
         result_dir.mkdir(exist_ok=True)
         (result_dir / f"{split}_{tag}.json").write_text(json.dumps(predictions))
-    answers = {qid: answer for qid, answer in dataset.answers.items() if qid in set(dataset.question_ids)}
+    asked = set(dataset.question_ids)  # questions whose video exists
+    answers = {qid: answer for qid, answer in dataset.answers.items() if qid in asked}
     return utils.qa_accuracy({p["question_id"]: p["answer"] for p in predictions}, answers,
                              dataset.question_types or None)
 
