@@ -8,6 +8,7 @@ Conventions: set A = even positions, set B = odd positions. Each A token looks u
 most similar B token; the ``r`` best-scoring A tokens are merged into their partners.
 Output order is [A tokens that stay, in original order] + [all B tokens, in order].
 """
+import math
 from typing import NamedTuple, Tuple
 
 import torch
@@ -98,39 +99,78 @@ def frame_matching(metric: Tensor, r: int, num_protected: int = 0) -> Matching:
     return _select(score, partner, r, num_frames)
 
 
-def _expand(index: Tensor, like: Tensor, dim: int) -> Tensor:
-    """Broadcast an index (size 1 on the dims it shares) to ``like``'s shape, keeping its ``dim``."""
-    shape = list(like.shape)
-    shape[dim] = index.shape[dim]
-    return index.expand(shape)
+class RowPlan(NamedTuple):
+    """A Matching resolved to row numbers of tensors viewed as (rows, features).
+
+    Tokens are whole contiguous feature rows, so moving them with ``index_select`` /
+    ``index_add_`` on the flattened rows copies each row in one piece; a ``gather`` over
+    the expanded index reads an index per feature and takes about twice as long.
+    """
+
+    output_shape: Tuple[int, ...]  # leading (token) shape of the merged tensor
+    output_rows: Tensor  # (prod(output_shape),) input row feeding each output row
+    merged_rows: Tensor  # input rows merged away
+    merged_slots: Tensor  # output row each merged row is added into
+
+
+def _flat_rows(index: Tensor, leading_shape: Tuple[int, ...], dim: int) -> Tensor:
+    """Flat row numbers, in a (prod(leading_shape), features) view, of the rows ``index`` picks."""
+    picked_shape = list(leading_shape)
+    picked_shape[dim] = index.shape[dim]
+    rows = torch.arange(math.prod(leading_shape), device=index.device).view(leading_shape)
+    return rows.gather(dim, index[..., 0].expand(picked_shape)).reshape(-1)
+
+
+def plan_rows(matching: Matching, leading_shape: Tuple[int, ...], dim: int) -> RowPlan:
+    """Resolve ``matching`` along ``dim`` for tensors whose shape is ``leading_shape`` + (features,).
+
+    The matching's index tensors must have one more dim than ``leading_shape`` (size 1 where
+    they broadcast, including the feature dim: see ``Matching.broadcast``).
+    """
+    leading_shape = tuple(leading_shape)
+    output_shape = list(leading_shape)
+    output_shape[dim] = matching.output_rows.shape[dim]
+    output_shape = tuple(output_shape)
+    return RowPlan(output_shape,
+                   _flat_rows(matching.output_rows, leading_shape, dim),
+                   _flat_rows(matching.merged_rows, leading_shape, dim),
+                   _flat_rows(matching.merged_slots, output_shape, dim))
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _apply_plan(x: Tensor, plan: RowPlan) -> Tensor:
+    rows = _rows(x)
+    out = rows.index_select(0, plan.output_rows)
+    out.index_add_(0, plan.merged_slots, rows.index_select(0, plan.merged_rows))
+    return out.view(plan.output_shape + (x.shape[-1],))
 
 
 def apply_matching(x: Tensor, matching: Matching, dim: int) -> Tensor:
-    """Sum-merge ``x`` along ``dim``: survivors gathered, merged rows added into their slots.
+    """Sum-merge ``x`` along ``dim``: survivors kept, merged rows added into their slots.
 
     The matching's index tensors must already have ``x``'s number of dims (size 1 where
     they broadcast, see ``Matching.broadcast``).
     """
-    out = x.gather(dim, _expand(matching.output_rows, x, dim))
-    merged = x.gather(dim, _expand(matching.merged_rows, x, dim))
-    return out.scatter_add_(dim, _expand(matching.merged_slots, x, dim), merged)
+    return _apply_plan(x, plan_rows(matching, x.shape[:-1], dim))
 
 
 def merge_weighted(x: Tensor, size: Tensor, matching: Matching, dim: int) -> Tuple[Tensor, Tensor]:
     """Size-weighted mean merge: new = sum(size * x) / sum(size); sizes add up.
 
-    ``size`` broadcasts against ``x`` (trailing feature dim of 1): how many original
-    tokens each token stands for. Written as an update of the destination,
-    dst + sum(size_src * (src - dst)) / new_size, so the cost beyond one gather of ``x``
+    ``size`` has ``x``'s leading shape and a trailing dim of 1: how many original tokens
+    each token stands for. Written as an update of the destination,
+    dst + sum(size_src * (src - dst)) / new_size, so the cost beyond one copy of ``x``
     scales with r, and nothing autograd saved is modified in place.
     """
-    new_size = apply_matching(size, matching, dim)
-    out = x.gather(dim, _expand(matching.output_rows, x, dim))
-    slot_rows = matching.output_rows.gather(dim, matching.merged_slots)
-
-    def rows_of(values: Tensor, rows: Tensor) -> Tensor:
-        return values.gather(dim, _expand(rows, values, dim))
-
-    share = rows_of(size, matching.merged_rows) / rows_of(new_size, matching.merged_slots)
-    update = (rows_of(x, matching.merged_rows) - rows_of(x, slot_rows)) * share
-    return out.scatter_add_(dim, _expand(matching.merged_slots, x, dim), update), new_size
+    plan = plan_rows(matching, x.shape[:-1], dim)
+    new_size = _apply_plan(size, plan)
+    x_rows = _rows(x)
+    slot_input_rows = plan.output_rows.index_select(0, plan.merged_slots)
+    share = (_rows(size).index_select(0, plan.merged_rows)
+             / _rows(new_size).index_select(0, plan.merged_slots))
+    update = (x_rows.index_select(0, plan.merged_rows) - x_rows.index_select(0, slot_input_rows)) * share
+    out = x_rows.index_select(0, plan.output_rows).index_add_(0, plan.merged_slots, update)
+    return out.view(plan.output_shape + (x.shape[-1],)), new_size

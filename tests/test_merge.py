@@ -93,6 +93,45 @@ def test_weighted_merge_along_a_middle_axis_moves_whole_columns():
     assert new_size[:, 0, :, 0].tolist() == [[1, 2, 1], [1, 1, 2]]
 
 
+def _gather_scatter_weighted_merge(x, size, matching, dim):
+    """The size-weighted merge written with whole-tensor gather / scatter_add_ over dim."""
+    def expand(index, like):
+        shape = list(like.shape)
+        shape[dim] = index.shape[dim]
+        return index.expand(shape)
+
+    def take(values, index):
+        return values.gather(dim, expand(index, values))
+
+    total = take(x * size, matching.output_rows).scatter_add(
+        dim, expand(matching.merged_slots, x), take(x * size, matching.merged_rows))
+    new_size = take(size, matching.output_rows).scatter_add(
+        dim, expand(matching.merged_slots, size), take(size, matching.merged_rows))
+    return total / new_size, new_size
+
+
+def test_per_frame_merge_along_patches_matches_gather_scatter_with_gradients():
+    # The block's patch merge: (B, L, T, D) merged along L with a different matching per frame.
+    generator = torch.Generator().manual_seed(5)
+    batch, patches, frames, dim = 2, 9, 3, 4
+    x = torch.randn(batch, patches, frames, dim, generator=generator, dtype=torch.float64, requires_grad=True)
+    size = torch.randint(1, 3, (batch, patches, frames, 1), generator=generator).double()
+    metric = torch.randn(batch * frames, patches, 3, generator=generator, dtype=torch.float64).round()
+    matching = bipartite_soft_matching(metric, r=3).broadcast(
+        lambda index: index.view(batch, frames, -1).transpose(1, 2)[..., None])
+
+    merged, new_size = merge_weighted(x, size, matching, dim=1)
+    expected, expected_size = _gather_scatter_weighted_merge(x, size, matching, dim=1)
+    assert merged.shape == (batch, patches - 3, frames, dim)
+    torch.testing.assert_close(merged, expected)
+    torch.testing.assert_close(new_size, expected_size)
+
+    weights = torch.randn(merged.shape, generator=generator, dtype=torch.float64)
+    grad, = torch.autograd.grad((merged * weights).sum(), x)
+    expected_grad, = torch.autograd.grad((expected * weights).sum(), x)
+    torch.testing.assert_close(grad, expected_grad)
+
+
 def test_source_tracing_sums_memberships():
     metric = torch.randn(2, 9, 3)
     matching = bipartite_soft_matching(metric, r=3).broadcast(lambda i: i[..., None])
