@@ -253,7 +253,9 @@ def compile_worker(args, device, size):
     compiled = torch.compile(encoder, dynamic=False, mode=args.compile_mode)
     result['mode'] = args.compile_mode
     batches = [int(b) for b in args.compile_batches.split(',')] if args.compile_batches else [args.mid_batch, 1]
-    for precision in ('fp16', 'bf16') if device.type == 'cuda' else ('bf16',):
+    precisions = args.compile_precisions.split(',') if args.compile_precisions else (
+        ['fp16', 'bf16'] if device.type == 'cuda' else ['bf16'])
+    for precision in precisions:
         for batch in batches:
             video = make_video(batch, args.frames, size['img_size'], device)
             begin = time.perf_counter()
@@ -356,6 +358,8 @@ def main():
     parser.add_argument('--compile_worker', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--compile_mode', default='default', help="torch.compile mode, e.g. 'reduce-overhead'")
     parser.add_argument('--compile_batches', default=None, help='batches to compile, e.g. 1,16 (default: mid, 1)')
+    parser.add_argument('--compile_precisions', default=None,
+                        help='autocast precisions to compile, in order, e.g. bf16,fp16 (default: fp16,bf16 on CUDA)')
     args = parser.parse_args()
 
     smoke = args.smoke
