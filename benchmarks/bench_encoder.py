@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import utils
 from models.timesformer import TimeSformer
 
 # The published schedules, one (frames, patches) pair per block in frame&patch mode:
@@ -235,6 +236,10 @@ def main():
     parser.add_argument('--threads', type=int, default=None,
                         help='torch CPU threads (default: torch\'s own choice). With 1 thread, process CPU '
                              'time is a load-independent measure: no thread waits at a barrier for a busy core')
+    parser.add_argument('--allocator', choices=('keep', 'glibc-default'), default='keep',
+                        help="CPU: 'keep' = what the training scripts set up (utils.keep_freed_cpu_memory: "
+                             "malloc reuses freed memory, no page faults per forward); 'glibc-default' = leave "
+                             "malloc as it is, to measure the difference")
     parser.add_argument('--width', type=int, default=BASE_WIDTH['embed_dim'])
     parser.add_argument('--depth', type=int, default=BASE_WIDTH['depth'])
     parser.add_argument('--heads', type=int, default=BASE_WIDTH['num_heads'])
@@ -257,6 +262,8 @@ def main():
         common.check_precision(precision, device)
 
     info = common.machine_info(device)
+    if device.type == 'cpu':
+        info['allocator_keeps_freed_memory'] = args.allocator == 'keep' and utils.keep_freed_cpu_memory()
     print(info, flush=True)
     if args.flops_only:
         count_only(args, device, merging_values, precisions[0], info)

@@ -1,5 +1,8 @@
 """Precision, optimiser groups, schedules, the training loop, checkpoints and resume."""
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -322,3 +325,34 @@ def test_loop_options_from_args():
     args = utils.build_arg_parser("t").parse_args(["--config", "c", "--output_dir", "o",
                                                    "--accumulation_steps", "4", "--max_grad_norm", "2"])
     assert utils.LoopOptions.from_args(args, seed=7) == utils.LoopOptions(4, 2.0, 50, 0, 7)
+
+
+_WHERE_A_LARGE_TENSOR_LIVES = """
+import ctypes, sys, torch
+sys.path.insert(0, {repo!r})
+import utils
+print(utils.keep_freed_cpu_memory())
+libc = ctypes.CDLL("libc.so.6")
+libc.sbrk.restype = ctypes.c_void_p
+tensor = torch.empty(64 * 2 ** 20, dtype=torch.uint8)
+heap_end = libc.sbrk(0)
+print(tensor.data_ptr() < heap_end)  # on the heap, not a mapping of its own
+del tensor
+print(libc.sbrk(0) == heap_end)  # the heap was not trimmed after the free
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+@pytest.mark.parametrize("env, keeps", [({}, True), ({"MALLOC_MMAP_THRESHOLD_": "65536"}, False)])
+def test_keeping_freed_cpu_memory_serves_large_tensors_from_the_heap_unless_the_environment_chose(env, keeps):
+    # By default glibc gives a 64 MiB buffer a fresh mapping of its own (every page faults in on
+    # first touch, each time); kept, it comes from the heap, which is never trimmed.
+    clean = {key: value for key, value in os.environ.items() if key not in utils._ALLOCATOR_SETTINGS}
+    script = _WHERE_A_LARGE_TENSOR_LIVES.format(repo=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run([sys.executable, "-c", script], env={**clean, **env}, capture_output=True,
+                            text=True, check=True)
+    took_effect, on_heap, *kept = result.stdout.split()
+    assert took_effect == str(keeps)
+    assert on_heap == str(keeps)
+    if keeps:
+        assert kept == ["True"]
