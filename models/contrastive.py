@@ -82,11 +82,16 @@ class VideoTextContrastive(nn.Module):
         hidden = encoder(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
         return hidden, F.normalize(proj(hidden[:, 0, :]), dim=-1)
 
-    def itm_logits(self, itm_input_ids, attention_mask, video_tokens) -> torch.Tensor:
-        """Match logits (N, 2) of [ENC]-prefixed texts cross-attending to video tokens."""
+    def itm_logits(self, itm_input_ids, attention_mask, video_tokens, video_index=None) -> torch.Tensor:
+        """Match logits (N, 2) of [ENC]-prefixed texts cross-attending to video tokens.
+
+        ``video_index`` (N,), if given, names each text's row of ``video_tokens``: texts that share
+        a video share its cross-attention keys/values (see BertModel.forward).
+        """
         video_atts = torch.ones(video_tokens.shape[:-1], dtype=torch.long, device=video_tokens.device)
         hidden = self.text_encoder(itm_input_ids, attention_mask=attention_mask, encoder_hidden_states=video_tokens,
-                                   encoder_attention_mask=video_atts).last_hidden_state
+                                   encoder_attention_mask=video_atts,
+                                   encoder_batch_index=video_index).last_hidden_state
         return self.itm_head(hidden[:, 0, :])
 
     def with_enc_token(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,13 @@ class LMOutput:
     past_key_values: Optional[tuple] = None
 
 
+def rows_for(tensor, index):
+    """``tensor[index]`` along dim 0; one shared row is broadcast (a view) rather than copied."""
+    if tensor.shape[0] == 1:
+        return tensor.expand(len(index), *tensor.shape[1:])
+    return tensor.index_select(0, index)
+
+
 def additive_mask(mask, dtype):
     """(1 - mask) * -10000 broadcast over heads: (B, Lk) -> (B, 1, 1, Lk), (B, Lq, Lk) -> (B, 1, Lq, Lk)."""
     if mask.dim() == 2:
@@ -127,11 +134,13 @@ class BertSelfAttention(nn.Module):
     def _heads(self, x):
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, hidden_states, mask, key_value_states=None, past_key_value=None):
+    def forward(self, hidden_states, mask, key_value_states=None, past_key_value=None, key_value_index=None):
         """Returns the attended values and the (key, value) heads to cache for the next step.
 
         A cache holds the keys/values of earlier tokens (self-attention: new ones are appended) or of the
         visual tokens (cross-attention: they do not change between steps, so they are reused as they are).
+        ``key_value_index`` (N,) picks, for each of the N queries, its row of ``key_value_states``:
+        several queries then share one row's keys/values, projected once.
         """
         query = self._heads(self.query(hidden_states))
         if key_value_states is not None and past_key_value is not None:
@@ -139,6 +148,8 @@ class BertSelfAttention(nn.Module):
         else:
             source = hidden_states if key_value_states is None else key_value_states
             key, value = self._heads(self.key(source)), self._heads(self.value(source))
+            if key_value_index is not None:
+                key, value = rows_for(key, key_value_index), rows_for(value, key_value_index)
             if past_key_value is not None:
                 key = torch.cat([past_key_value[0], key], dim=2)
                 value = torch.cat([past_key_value[1], value], dim=2)
@@ -168,8 +179,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config, is_cross_attention)
         self.output = BertResidualOutput(config, config.hidden_size)
 
-    def forward(self, hidden_states, mask, key_value_states=None, past_key_value=None):
-        context, present = self.self(hidden_states, mask, key_value_states, past_key_value)
+    def forward(self, hidden_states, mask, key_value_states=None, past_key_value=None, key_value_index=None):
+        context, present = self.self(hidden_states, mask, key_value_states, past_key_value, key_value_index)
         return self.output(context, hidden_states), present
 
 
@@ -195,7 +206,7 @@ class BertLayer(nn.Module):
         self.output = BertResidualOutput(config, config.intermediate_size)
 
     def forward(self, hidden_states, mask, encoder_hidden_states=None, encoder_mask=None,
-                past_key_value=None, mode="multimodal"):
+                past_key_value=None, mode="multimodal", encoder_batch_index=None):
         """``past_key_value``/returned cache: (self key, self value[, cross key, cross value])."""
         past = past_key_value or ()
         hidden_states, present = self.attention(hidden_states, mask, past_key_value=past[:2] or None)
@@ -203,7 +214,7 @@ class BertLayer(nn.Module):
             if not hasattr(self, "crossattention"):
                 raise ValueError("mode='multimodal' needs a config with add_cross_attention=True")
             hidden_states, cross_present = self.crossattention(hidden_states, encoder_mask, encoder_hidden_states,
-                                                               past[2:] or None)
+                                                               past[2:] or None, encoder_batch_index)
             present = present + cross_present
         return self.output(self.intermediate(hidden_states), hidden_states), present
 
@@ -277,7 +288,10 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, mode="multimodal", is_decoder=False,
-                inputs_embeds=None, past_key_values=None, use_cache=False):
+                inputs_embeds=None, past_key_values=None, use_cache=False, encoder_batch_index=None):
+        """``encoder_batch_index`` (N,): the row of ``encoder_hidden_states`` each of the N texts
+        cross-attends to, for texts that share visual tokens (the keys/values of a row are then
+        projected once, not once per text); None means row i for text i."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         reference = input_ids if input_ids is not None else inputs_embeds
@@ -300,6 +314,8 @@ class BertModel(nn.Module):
                 encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], dtype=torch.long,
                                                     device=encoder_hidden_states.device)
             encoder_mask = additive_mask(encoder_attention_mask, dtype)
+            if encoder_batch_index is not None:
+                encoder_mask = rows_for(encoder_mask, encoder_batch_index)
         elif mode != "text":
             raise ValueError(f"mode must be 'text' or 'multimodal', got {mode!r}")
 
@@ -307,7 +323,8 @@ class BertModel(nn.Module):
         presents = []
         for index, layer in enumerate(self.encoder.layer):
             past = past_key_values[index] if past_key_values is not None else None
-            hidden_states, present = layer(hidden_states, mask, encoder_hidden_states, encoder_mask, past, mode)
+            hidden_states, present = layer(hidden_states, mask, encoder_hidden_states, encoder_mask, past, mode,
+                                           encoder_batch_index)
             presents.append(present)
         pooled = self.pooler(hidden_states) if self.pooler is not None else None
         return BertOutput(hidden_states, pooled, tuple(presents) if use_cache else None)

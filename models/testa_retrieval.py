@@ -58,16 +58,22 @@ class VideoRetrievalModel(VideoTextContrastive):
         """ITM match logits for the pairs (video_index[i], text_index[i]), ``batch_size`` pairs per pass.
 
         ``video_tokens`` may live on another device or in half precision (``--low_resource_eval``):
-        each batch is moved and cast to the model's device and dtype on the fly.
+        each batch is moved and cast to the model's device and dtype on the fly. A video that
+        several pairs of a batch share (video-to-text re-ranking: all of a query's candidates) is
+        moved, and its cross-attention keys/values computed, once for all of them.
         """
         device, dtype = self.itm_head.weight.device, self.itm_head.weight.dtype
         scores = torch.empty(len(video_index), device=device)
         for start in range(0, len(video_index), batch_size):
             videos = video_index[start:start + batch_size]
             texts = text_index[start:start + batch_size].to(input_ids.device)
-            tokens = video_tokens[videos.to(video_tokens.device)].to(device=device, dtype=dtype)
+            distinct, pair_rows = videos.unique(return_inverse=True)
+            shared = len(distinct) < len(videos)
+            rows = distinct if shared else videos
+            tokens = video_tokens[rows.to(video_tokens.device)].to(device=device, dtype=dtype)
             logits = self.itm_logits(self.with_enc_token(input_ids[texts]).to(device),
-                                     attention_mask[texts].to(device), tokens)
+                                     attention_mask[texts].to(device), tokens,
+                                     pair_rows.to(device) if shared else None)
             scores[start:start + batch_size] = logits[:, 1].float()
         return scores
 

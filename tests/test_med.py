@@ -288,6 +288,25 @@ def test_nucleus_sampling_is_reproducible_with_a_seed(decoder_and_states):
     assert first.shape[1] <= 10 and (first[:, 1:3] != 2).all()
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("rows, index", [(1, [0, 0, 0, 0]), (2, [1, 0, 1, 1])])
+def test_texts_sharing_visual_rows_get_the_per_text_result(rows, index):
+    encoder = BertModel(tiny_config(initializer_range=0.5)).eval()
+    states = torch.randn(rows, 5, 12)
+    ids, mask = torch.randint(3, 40, (4, 6)), torch.ones(4, 6, dtype=torch.long)
+    mask[2, 4:] = 0
+    index = torch.tensor(index)
+    shared = encoder(ids, attention_mask=mask, encoder_hidden_states=states, encoder_batch_index=index)
+    per_text = encoder(ids, attention_mask=mask, encoder_hidden_states=states[index])
+    torch.testing.assert_close(shared.last_hidden_state, per_text.last_hidden_state, atol=1e-6, rtol=0)
+    # Each text really attends to its own row: pointing text 0 elsewhere changes its output only.
+    if rows > 1:
+        moved = encoder(ids, attention_mask=mask, encoder_hidden_states=states,
+                        encoder_batch_index=torch.tensor([0, 0, 1, 1])).last_hidden_state
+        assert not torch.allclose(moved[0], shared.last_hidden_state[0], atol=1e-3)
+        torch.testing.assert_close(moved[1:], shared.last_hidden_state[1:], atol=1e-6, rtol=0)
+
+
 def test_resize_keeps_rows_and_updates_a_shared_config():
     config = tiny_config()
     decoder = BertLMHeadModel(config)
