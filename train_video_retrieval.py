@@ -43,27 +43,14 @@ def gather_in_rank_order(pieces: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_matrices(model, loader, dataset, run) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text x video, video x text) scores: ITC for all pairs, ITM + ITC on each query's top k_test.
+def cache_video_tokens(model, loader, run, low_resource: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every video's output tokens (the ITM cache) and ITC feature, gathered in dataset order.
 
-    Every rank encodes its shard of the texts and videos; the features are gathered, and
-    each rank re-ranks its shard of the queries, so the result equals a single process's.
+    The cache is the memory peak of long-video evaluation: --low_resource_eval keeps it in
+    fp16 on the CPU, and each batch is written into one preallocated tensor (a list of batches
+    plus its concatenation would need twice the memory) and dropped before the next is encoded.
     """
-    model.eval()
-    device, config = run.device, run.config
-    low_resource = config.get("low_resource_eval", False)
-    input_ids, attention_mask = model.tokenize(dataset.text)
-    text_feats = []
-    texts = my_shard(len(dataset.text), TEXT_BATCH)
-    for start in range(texts.start, texts.stop, TEXT_BATCH):
-        stop = min(start + TEXT_BATCH, texts.stop)
-        with run.precision.autocast():
-            text_feats.append(model.encode_text(input_ids[start:stop], attention_mask[start:stop])[1].float())
-    text_feat = gather_in_rank_order(text_feats)
-
-    # The cached tokens are the memory peak of long-video evaluation: --low_resource_eval keeps
-    # them in fp16 on the CPU, and they are written into one preallocated tensor (a list of
-    # batches plus its concatenation would need twice the memory).
+    device = run.device
     cache_device, cache_dtype = ("cpu", torch.float16) if low_resource else (device, torch.float32)
     video_tokens, video_feats, filled = None, [], 0
     logger = utils.MetricLogger()
@@ -76,8 +63,30 @@ def score_matrices(model, loader, dataset, run) -> tuple[torch.Tensor, torch.Ten
         video_tokens[filled:filled + len(tokens)] = tokens
         filled += len(tokens)
         video_feats.append(feat.float())
+        del tokens  # else it lives on while the next batch is encoded: two batches beside the cache
     video_tokens = gather_in_rank_order([] if video_tokens is None else [video_tokens]).to(cache_device)
-    video_feat = gather_in_rank_order(video_feats)
+    return video_tokens, gather_in_rank_order(video_feats)
+
+
+@torch.no_grad()
+def score_matrices(model, loader, dataset, run) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text x video, video x text) scores: ITC for all pairs, ITM + ITC on each query's top k_test.
+
+    Every rank encodes its shard of the texts and videos; the features are gathered, and
+    each rank re-ranks its shard of the queries, so the result equals a single process's.
+    """
+    model.eval()
+    device, config = run.device, run.config
+
+    input_ids, attention_mask = model.tokenize(dataset.text)
+    text_feats = []
+    texts = my_shard(len(dataset.text), TEXT_BATCH)
+    for start in range(texts.start, texts.stop, TEXT_BATCH):
+        stop = min(start + TEXT_BATCH, texts.stop)
+        with run.precision.autocast():
+            text_feats.append(model.encode_text(input_ids[start:stop], attention_mask[start:stop])[1].float())
+    text_feat = gather_in_rank_order(text_feats)
+    video_tokens, video_feat = cache_video_tokens(model, loader, run, config.get("low_resource_eval", False))
 
     sims = (video_feat @ text_feat.T).to(device)
     k, batch = config["k_test"], config.get("k_test_batch_size") or 128

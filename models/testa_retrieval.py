@@ -70,13 +70,24 @@ class VideoRetrievalModel(VideoTextContrastive):
             distinct, pair_rows = videos.unique(return_inverse=True)
             shared = len(distinct) < len(videos)
             rows = distinct if shared else videos
-            tokens = video_tokens[rows.to(video_tokens.device)].to(device=device, dtype=dtype)
+            tokens = _rows_as(video_tokens, rows, device, dtype)
             logits = self.itm_logits(self.with_enc_token(input_ids[texts]).to(device),
                                      attention_mask[texts].to(device), tokens,
                                      pair_rows.to(device) if shared else None)
             scores[start:start + batch_size] = logits[:, 1].float()
         return scores
 
+
+
+def _rows_as(tokens: torch.Tensor, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``tokens[rows]`` on ``device`` in ``dtype``, converted row by row when the cache is elsewhere
+    or in half precision, so that no half-precision copy of the whole batch exists beside it."""
+    if tokens.device == device and tokens.dtype == dtype:
+        return tokens[rows.to(device)]
+    out = torch.empty((len(rows), *tokens.shape[1:]), device=device, dtype=dtype)
+    for slot, row in enumerate(rows.tolist()):
+        out[slot].copy_(tokens[row])
+    return out
 
 
 def rows_per_itm_batch(k: int, batch_size: int) -> int:
