@@ -55,6 +55,7 @@ class VideoLoader:
 
     def __init__(self, count, batch, frames, size):
         self.count, self.batch, self.frames, self.size = count, batch, frames, size
+        self.sampler = range(count)  # score_matrices sizes its token cache from the sampler
 
     def __len__(self):
         return -(-self.count // self.batch)

@@ -1,0 +1,74 @@
+"""The CPU benchmark scripts run at tiny sizes and write what RESULTS.md quotes.
+
+Timings are not asserted (benchmarks, not timed tests); the exactness checks they carry are.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO_ROOT
+
+
+def run_benchmark(script, tmp_path, *args):
+    out = tmp_path / "result.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", "--device", "cpu", "--runs", "1",
+                             "--out", str(out), *map(str, args)], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    if result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def by_section(payload):
+    sections = {}
+    for row in payload["rows"]:
+        sections.setdefault(row["section"], []).append(row)
+    return sections
+
+
+def test_evaluation_benchmark_sections(tmp_path):
+    payload = run_benchmark("bench_eval.py", tmp_path, "--sections", "throughput,rerank,full,shared_kv",
+                            "--throughput_videos", 4, "--throughput_pairs", 16, "--itm_batches", "4,8",
+                            "--k_test", 4, "--k_test_batch_size", 8, "--rerank_n", 8, "--full_n", 8,
+                            "--shared_kv_pairs", 2)
+    sections = by_section(payload)
+    assert [row["itm_batch"] for row in sections["throughput"]] == [4, 8]
+    rerank, = sections["rerank"]
+    assert rerank["identical"] and rerank["same_ranking"] and rerank["pairs"] == 2 * 8 * 4
+    shared, = sections["shared_kv"]
+    assert shared["max_abs_score_diff"] == 0.0 and shared["video_tokens"] == 4801
+    full, = sections["full"]
+    assert full["n"] == 8 and full["median_s"] > 0
+
+
+def test_low_resource_evaluation_benchmark_measures_both_paths(tmp_path):
+    payload = run_benchmark("bench_eval.py", tmp_path, "--sections", "low_resource", "--low_n", 4,
+                            "--low_k_test", 2, "--low_itm_batch", 2)
+    default, low = payload["rows"]
+    assert (default["low_resource_eval"], low["low_resource_eval"]) == (False, True)
+    assert default["fp32_token_cache_mib"] == pytest.approx(4 * 4801 * 768 * 4 / 2 ** 20)
+    assert "eval_peak_cut_vs_default" in low
+    assert payload["machine"]["malloc_mmap_threshold_env"] == "65536"  # RSS peaks need freed memory returned
+
+
+def test_encoder_benchmark_rows_and_targets(tmp_path):
+    payload = run_benchmark("bench_encoder.py", tmp_path, "--width", 64, "--depth", 12, "--heads", 2,
+                            "--img_size", 32, "--patch_size", 16, "--frames", 8, "--warmup", 0, "--profile")
+    rows = {(row["merging"], row["precision"]): row for row in payload["rows"]}
+    assert set(rows) == {(merging, precision) for merging in ("off", "on") for precision in ("fp32", "bf16")}
+    assert rows[("on", "fp32")]["tokens_out"] < rows[("off", "fp32")]["tokens_out"] == 1 + 4 * 8
+    assert 0 <= rows[("on", "fp32")]["bookkeeping_share"] < 1
+    assert rows[("off", "bf16")]["cos_vs_fp32"] > 0.99
+    assert payload["machine"]["allocator_keeps_freed_memory"] is True
+    assert any(check["target"].startswith("fp32 8f merging on") for check in payload["checks"])
+
+
+def test_training_step_benchmark_with_and_without_checkpointing(tmp_path):
+    payload = run_benchmark("bench_train_step.py", tmp_path, "--preset", "toy", "--warmup", 0,
+                            "--grad_ckpt", "off,on", "--override", "depth=2")
+    assert [row["grad_ckpt"] for row in payload["rows"]] == ["off", "on"]
+    assert all(row["peak_mib"] > 0 and row["median_s"] > 0 for row in payload["rows"])
