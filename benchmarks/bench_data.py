@@ -5,7 +5,7 @@ over a textured background), then times read_video + the training transform (32 
 decoded at video_resize 256, cropped to 224) and the evaluation path (decoded at 224),
 single-threaded as inside a DataLoader worker.
 
-    python benchmarks/bench_data.py --out bench_data.json
+    python benchmarks/bench_data.py --out benchmarks/results/data_cpu.json
 """
 import argparse
 import json
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 from data.toy import write_mp4  # noqa: E402
 from data.transforms import EvalTransform, VideoTrainTransform  # noqa: E402
 from data.video import read_video, worker_init_fn  # noqa: E402
@@ -83,7 +84,8 @@ def main():
     for row in rows:
         print(f"{row['backend']:8} {row['mode']:6} {row['strategy']:9} {row['decode_size']:>6} "
               f"{row['clips_per_s']:>8} {row['decode_share']:>8.0%}")
-    Path(args.out).write_text(json.dumps({"settings": vars(args), "results": rows}, indent=1))
+    machine = common.machine_info(torch.device("cpu"))
+    Path(args.out).write_text(json.dumps({"machine": machine, "settings": vars(args), "results": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import common
 import utils
 from models import build_retrieval_model
 from models.testa_retrieval import rerank_scores
-from train_video_retrieval import score_matrices
 
 PUBLISHED_CHUNK = 16
 SECTIONS = ('throughput', 'rerank', 'full', 'low_resource', 'shared_kv')
@@ -157,6 +156,9 @@ def section_rerank(args, device):
 
 
 def run_score_matrices(model, config, count, device, frames, size):
+    # Imported here: the script pulls in the data pipeline (PyAV), which the other sections,
+    # and GPU machines that have torch but not PyAV, do without.
+    from train_video_retrieval import score_matrices
     dataset = types.SimpleNamespace(text=fake_texts(count, seed=1))
     loader = VideoLoader(count, config.get('batch_size_test', 16), frames, size)
     return score_matrices(model, loader, dataset, evaluation_run(device, config))
@@ -217,28 +219,37 @@ def section_shared_kv(args, device):
     """A video query's top candidates in one ITM pass, as video-to-text re-ranking scores them."""
     model, _ = build_model(args, ['med_config=configs/med_config.json', f'vision_width={BASE_WIDTH}', 'num_heads=12'])
     model.to(device)
-    pairs = args.shared_kv_pairs
     tokens = BaseF96TokenStandIn().table[None].to(device)
-    input_ids, attention_mask = model.tokenize(fake_texts(pairs, seed=2))
-    videos, texts = torch.zeros(pairs, dtype=torch.long), torch.arange(pairs)
-    results = {}
+    rows = []
+    for pairs in common.parse_list(args.shared_kv_pairs, int):
+        input_ids, attention_mask = model.tokenize(fake_texts(pairs, seed=2))
+        videos, texts = torch.zeros(pairs, dtype=torch.long), torch.arange(pairs)
+        for precision in common.parse_list(args.shared_kv_precisions):
+            results, peaks = {}, {}
 
-    @torch.no_grad()
-    def shared():
-        results['shared'] = model.itm_scores(tokens, videos, input_ids, attention_mask, texts, batch_size=pairs)
+            def measured(name, score):
+                def run():
+                    common.reset_peak_memory(device)
+                    with torch.no_grad(), common.autocast(device, precision):
+                        results[name] = score().float()
+                    peaks[name] = common.peak_memory_mib(device)
+                return run
 
-    @torch.no_grad()
-    def per_pair():
-        logits = model.itm_logits(model.with_enc_token(input_ids).to(device), attention_mask.to(device),
-                                  tokens[videos.to(device)])
-        results['per_pair'] = logits[:, 1].float()
-
-    timings = common.time_interleaved({'shared': shared, 'per_pair': per_pair}, device,
-                                      runs=args.rerank_runs, warmup=0)
-    return [dict(section='shared_kv', pairs=pairs, video_tokens=F96_BASE_TOKENS, text_model='BERT-base',
-                 shared_s=timings['shared']['median_s'], per_pair_s=timings['per_pair']['median_s'],
-                 speedup=timings['per_pair']['median_s'] / timings['shared']['median_s'],
-                 max_abs_score_diff=(results['shared'] - results['per_pair']).abs().max().item())]
+            shared = measured('shared', lambda: model.itm_scores(tokens, videos, input_ids, attention_mask, texts,
+                                                                 batch_size=pairs))
+            per_pair = measured('per_pair', lambda: model.itm_logits(
+                model.with_enc_token(input_ids).to(device), attention_mask.to(device), tokens[videos.to(device)])[:, 1])
+            timings = common.time_interleaved({'shared': shared, 'per_pair': per_pair}, device,
+                                              runs=args.rerank_runs, warmup=1)
+            row = dict(section='shared_kv', pairs=pairs, precision=precision, video_tokens=F96_BASE_TOKENS,
+                       text_model='BERT-base', shared_s=timings['shared']['median_s'],
+                       per_pair_s=timings['per_pair']['median_s'],
+                       speedup=timings['per_pair']['median_s'] / timings['shared']['median_s'],
+                       max_abs_score_diff=(results['shared'] - results['per_pair']).abs().max().item())
+            if device.type == 'cuda':  # on CPU the process RSS says little about one call
+                row.update(shared_peak_mib=peaks['shared'], per_pair_peak_mib=peaks['per_pair'])
+            rows.append(row)
+    return rows
 
 
 def main():
@@ -260,7 +271,8 @@ def main():
                         help='ITM pairs per pass in the low_resource section: each pass holds that many copies '
                              'of a 96-frame video\'s tokens in text-to-video passes, so 128 would add ~1.9 GB '
                              'per pass at base width')
-    parser.add_argument('--shared_kv_pairs', type=int, default=16, help='text candidates of the shared_kv section')
+    parser.add_argument('--shared_kv_pairs', default='16', help='comma list: text candidates per shared_kv pass')
+    parser.add_argument('--shared_kv_precisions', default='fp32', help='comma list of fp32/bf16/fp16 (shared_kv)')
     args = parser.parse_args()
 
     device = torch.device(args.device)

@@ -72,3 +72,13 @@ def test_training_step_benchmark_with_and_without_checkpointing(tmp_path):
                             "--grad_ckpt", "off,on", "--override", "depth=2")
     assert [row["grad_ckpt"] for row in payload["rows"]] == ["off", "on"]
     assert all(row["peak_mib"] > 0 and row["median_s"] > 0 for row in payload["rows"])
+
+
+def test_data_benchmark_times_both_decoders_and_both_paths(tmp_path):
+    out = tmp_path / "data.json"
+    subprocess.run([sys.executable, "benchmarks/bench_data.py", "--clips", "1", "--repeats", "1", "--seconds", "2",
+                    "--out", str(out)], cwd=REPO_ROOT, check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["results"]
+    assert {(row["backend"], row["mode"]) for row in rows} == {
+        (backend, mode) for backend in ("decord", "pyav") for mode in ("train", "eval")}
+    assert all(row["clips_per_s"] > 0 and 0 <= row["decode_share"] <= 1 for row in rows)
