@@ -11,6 +11,7 @@ Examples (CPU, the headline comparison of issue 5):
       --profile --out benchmarks/results/encoder_cpu_f32.json
 """
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -106,14 +107,23 @@ def forward_closure(encoder, video, device, precision):
 def measure_frames(args, device, frames, merging_values, precisions, batches):
     """Rows for every (merging, precision, batch) at `frames`. All of them, and a 2048^2 matmul
     per precision, are timed in interleaved rounds, so ratios between them are side by side."""
-    encoders, forwards = {}, {}
+    encoders, forwards, videos, compile_s = {}, {}, {}, {}
     for merging in merging_values:
         torch.manual_seed(0)
         encoders[merging] = build_encoder(size_from_args(args), frames, merging, device, args.testa_r)
+        # Static shapes: every (precision, batch) compiles its own graph, on its first call.
+        runner = torch.compile(encoders[merging], dynamic=False) if args.compile else encoders[merging]
         for precision in precisions:
             for batch in batches:
-                video = make_video(batch, frames, args.img_size, device)
-                forwards[(merging, precision, batch)] = forward_closure(encoders[merging], video, device, precision)
+                key = (merging, precision, batch)
+                videos[key] = make_video(batch, frames, args.img_size, device)
+                forwards[key] = forward_closure(runner, videos[key], device, precision)
+                if args.compile:
+                    began = time.perf_counter()
+                    forwards[key]()
+                    common.synchronize(device)
+                    compile_s[key] = time.perf_counter() - began
+                    print(f'compiled {key} in {compile_s[key]:.0f} s', flush=True)
     functions = {('matmul', precision): common.matmul_closure(device, precision) for precision in precisions}
     functions.update(forwards)
     load_before = os.getloadavg()[0]
@@ -142,6 +152,10 @@ def measure_frames(args, device, frames, merging_values, precisions, batches):
                    times_s=timing['times_s'], clips_per_s=batch / timing['median_s'], gflops_per_s=achieved,
                    matmul_gflops_per_s=rates[precision], frac_matmul=achieved / rates[precision],
                    load_average_1min=[round(load_before, 2), round(load_after, 2)])
+        if args.compile:
+            eager = forward_closure(encoders[merging], videos[(merging, precision, batch)], device, precision)()
+            row.update(compile_s=compile_s[(merging, precision, batch)],
+                       max_abs_diff_vs_eager=(output.float() - eager.float()).abs().max().item())
         if precision == 'fp32':
             outputs[(merging, batch)] = output
         elif (merging, batch) in outputs:
@@ -240,6 +254,10 @@ def main():
                         help="CPU: 'keep' = what the training scripts set up (utils.keep_freed_cpu_memory: "
                              "malloc reuses freed memory, no page faults per forward); 'glibc-default' = leave "
                              "malloc as it is, to measure the difference")
+    parser.add_argument('--compile', action='store_true',
+                        help='time torch.compile\'d encoders (Inductor; on CPU with freezing: weights become '
+                             'constants, so bias and activation fuse into the linears); records compile time '
+                             'and the largest difference from eager')
     parser.add_argument('--width', type=int, default=BASE_WIDTH['embed_dim'])
     parser.add_argument('--depth', type=int, default=BASE_WIDTH['depth'])
     parser.add_argument('--heads', type=int, default=BASE_WIDTH['num_heads'])
@@ -248,6 +266,9 @@ def main():
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    if args.compile and device.type == 'cpu':
+        import torch._inductor.config as inductor_config
+        inductor_config.freezing = True
     if args.threads:
         torch.set_num_threads(args.threads)
     precisions = common.parse_list(args.precision) if args.precision else \
@@ -274,7 +295,7 @@ def main():
     add_ratios(rows)
     common.print_table(rows, ['frames', 'merging', 'precision', 'batch', 'tokens_in', 'tokens_out',
                               'gmacs_per_clip', 'median_s', 'min_s', 'median_cpu_s', 'clips_per_s', 'gflops_per_s', 'frac_matmul',
-                              'merge_speedup', 'speedup_vs_fp32', 'cos_vs_fp32', 'bookkeeping_share'],
+                              'merge_speedup', 'speedup_vs_fp32', 'cos_vs_fp32', 'bookkeeping_share', 'compile_s'],
                        title='video encoder forward (GMACs = multiply-adds; GFLOP/s = 2 per multiply-add)')
     checks = target_checks(args, rows)
     common.print_table(checks, ['target', 'value', 'goal', 'passed'], title='issue 5 targets')
