@@ -78,7 +78,6 @@ class VideoRetrievalModel(VideoTextContrastive):
         return scores
 
 
-
 def _rows_as(tokens: torch.Tensor, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``tokens[rows]`` on ``device`` in ``dtype``, converted row by row when the cache is elsewhere
     or in half precision, so that no half-precision copy of the whole batch exists beside it."""
