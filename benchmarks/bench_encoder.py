@@ -11,14 +11,16 @@ Examples (CPU, the headline comparison of issue 5):
       --profile --out benchmarks/results/encoder_cpu_f32.json
 """
 import os
+import resource
 import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import common
 import utils
-from models.timesformer import TimeSformer
+from models.timesformer import Attention, TimeSformer
 
 # The published schedules, one (frames, patches) pair per block in frame&patch mode:
 # f32 configs use [1,12]*12 and f96 configs [4,8]*12; 8 frames uses the f32 schedule (its
@@ -55,6 +57,27 @@ def build_encoder(size, frames, merging, device, testa_r=None, grad_checkpointin
                           merging_type='frame&patch', grad_checkpointing=grad_checkpointing,
                           ckpt_layer=size['depth'] if grad_checkpointing else 0)
     return encoder.to(device).eval()
+
+
+class Float32Linear(nn.Module):
+    """A Linear that runs in fp32 under autocast (the --qkv_fp32 experiment)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return self.linear(x.float())
+
+
+def qkv_in_fp32(encoder):
+    """Every attention's q/k/v projection in fp32: the merge metric's keys then carry no bf16
+    rounding of their own, only that of the residual stream they are computed from."""
+    for module in encoder.modules():
+        if isinstance(module, Attention):
+            module.qkv = Float32Linear(module.qkv)
+    return encoder
 
 
 def size_from_args(args):
@@ -111,6 +134,8 @@ def measure_frames(args, device, frames, merging_values, precisions, batches):
     for merging in merging_values:
         torch.manual_seed(0)
         encoders[merging] = build_encoder(size_from_args(args), frames, merging, device, args.testa_r)
+        if args.qkv_fp32:
+            qkv_in_fp32(encoders[merging])
         # Static shapes: every (precision, batch) compiles its own graph, on its first call.
         runner = torch.compile(encoders[merging], dynamic=False) if args.compile else encoders[merging]
         for precision in precisions:
@@ -137,7 +162,9 @@ def measure_frames(args, device, frames, merging_values, precisions, batches):
     rows, gmacs, outputs = [], {}, {}
     for (merging, precision, batch), forward in forwards.items():
         timing = timings[(merging, precision, batch)]
+        usage_before = resource.getrusage(resource.RUSAGE_SELF)
         output = forward()
+        usage_after = resource.getrusage(resource.RUSAGE_SELF)
         if merging not in gmacs:
             # Multiply-adds depend on the shapes only (the schedule fixes every token count),
             # so one count per encoder serves every precision and batch size.
@@ -152,6 +179,9 @@ def measure_frames(args, device, frames, merging_values, precisions, batches):
                    times_s=timing['times_s'], clips_per_s=batch / timing['median_s'], gflops_per_s=achieved,
                    matmul_gflops_per_s=rates[precision], frac_matmul=achieved / rates[precision],
                    load_average_1min=[round(load_before, 2), round(load_after, 2)])
+        if device.type == 'cpu':  # one more forward after the timed ones: what the allocator costs
+            row.update(minor_page_faults=usage_after.ru_minflt - usage_before.ru_minflt,
+                       system_s=usage_after.ru_stime - usage_before.ru_stime)
         if args.compile:
             eager = forward_closure(encoders[merging], videos[(merging, precision, batch)], device, precision)()
             row.update(compile_s=compile_s[(merging, precision, batch)],
@@ -258,6 +288,9 @@ def main():
                         help='time torch.compile\'d encoders (Inductor; on CPU with freezing: weights become '
                              'constants, so bias and activation fuse into the linears); records compile time '
                              'and the largest difference from eager')
+    parser.add_argument('--qkv_fp32', action='store_true',
+                        help='experiment: run the attention q/k/v projections (whose keys are the merge metric) '
+                             'in fp32 under autocast, to see whether key precision moves bf16 merge decisions')
     parser.add_argument('--width', type=int, default=BASE_WIDTH['embed_dim'])
     parser.add_argument('--depth', type=int, default=BASE_WIDTH['depth'])
     parser.add_argument('--heads', type=int, default=BASE_WIDTH['num_heads'])
@@ -295,8 +328,11 @@ def main():
     add_ratios(rows)
     common.print_table(rows, ['frames', 'merging', 'precision', 'batch', 'tokens_in', 'tokens_out',
                               'gmacs_per_clip', 'median_s', 'min_s', 'median_cpu_s', 'clips_per_s', 'gflops_per_s', 'frac_matmul',
-                              'merge_speedup', 'speedup_vs_fp32', 'cos_vs_fp32', 'bookkeeping_share', 'compile_s'],
+                              'merge_speedup', 'speedup_vs_fp32', 'cos_vs_fp32', 'bookkeeping_share', 'compile_s',
+                              'minor_page_faults'],
                        title='video encoder forward (GMACs = multiply-adds; GFLOP/s = 2 per multiply-add)')
+    if device.type == 'cpu':
+        info['peak_rss_mib'] = common.peak_memory_mib(device)
     checks = target_checks(args, rows)
     common.print_table(checks, ['target', 'value', 'goal', 'passed'], title='issue 5 targets')
     common.write_json(args.out, dict(machine=info, args=vars(args),
