@@ -131,8 +131,8 @@ def keep_freed_cpu_memory() -> bool:
     """Make glibc malloc keep freed memory for reuse instead of returning it to the OS.
 
     By default every tensor over glibc's mmap threshold (at most 32 MiB) is a fresh mapping
-    that the kernel zero-fills page by page on first touch: about 0.3 million page faults
-    and 10-20% of a 32-frame CPU encoder forward (benchmarks/RESULTS.md). Serving all
+    that the kernel zero-fills page by page on first touch: up to 0.9 million page faults
+    and 3-18% of a 32-frame CPU encoder forward (benchmarks/RESULTS.md). Serving all
     allocations from the heap and never trimming it removes them; the process keeps its
     peak memory instead of handing it back between steps. Returns whether it took effect:
     not on non-glibc systems, nor when the environment already configures the allocator.
