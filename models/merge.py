@@ -103,8 +103,8 @@ class RowPlan(NamedTuple):
     """A Matching resolved to row numbers of tensors viewed as (rows, features).
 
     Tokens are whole contiguous feature rows, so moving them with ``index_select`` /
-    ``index_add_`` on the flattened rows copies each row in one piece; a ``gather`` over
-    the expanded index reads an index per feature and takes about twice as long.
+    ``index_add_`` on the flattened rows copies each row in one piece, where a ``gather``
+    over the expanded index reads an index per feature (benchmarks/RESULTS.md, section 5).
     """
 
     output_shape: Tuple[int, ...]  # leading (token) shape of the merged tensor

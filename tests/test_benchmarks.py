@@ -12,12 +12,13 @@ import pytest
 from tests.helpers import REPO_ROOT
 
 
-def run_benchmark(script, tmp_path, *args):
+def run_benchmark(script, tmp_path, *args, timed=True):
+    """Run a benchmark script and return its JSON; ``timed`` scripts take the common timing flags."""
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run([sys.executable, f"benchmarks/{script}", "--device", "cpu", "--runs", "1",
-                             "--out", str(out), *map(str, args)], cwd=REPO_ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
+    timing = ["--device", "cpu", "--runs", "1"] if timed else []
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", *timing, "--out", str(out), *map(str, args)],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -75,10 +76,8 @@ def test_training_step_benchmark_with_and_without_checkpointing(tmp_path):
 
 
 def test_data_benchmark_times_both_decoders_and_both_paths(tmp_path):
-    out = tmp_path / "data.json"
-    subprocess.run([sys.executable, "benchmarks/bench_data.py", "--clips", "1", "--repeats", "1", "--seconds", "2",
-                    "--out", str(out)], cwd=REPO_ROOT, check=True, capture_output=True, timeout=300)
-    rows = json.loads(out.read_text())["results"]
+    rows = run_benchmark("bench_data.py", tmp_path, "--clips", 1, "--repeats", 1, "--seconds", 2,
+                         timed=False)["results"]
     assert {(row["backend"], row["mode"]) for row in rows} == {
         (backend, mode) for backend in ("decord", "pyav") for mode in ("train", "eval")}
     assert all(row["clips_per_s"] > 0 and 0 <= row["decode_share"] <= 1 for row in rows)
