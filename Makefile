@@ -16,4 +16,4 @@ toy: install
 	$(PY) run_toy.py
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests

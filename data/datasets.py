@@ -47,7 +47,8 @@ class ClipDataset(Dataset):
 
     def __init__(self, config, name, train, substitute_black_on_error=False, max_tries=10):
         self.name, self.train, self.max_tries = name, train, max_tries
-        self.video_root = Path(config_value(config, "video_root", name))
+        # Optional for pre-training, whose annotation files may hold absolute paths.
+        self.video_root = Path(config.get("video_root") or "")
         self.image_size = config_value(config, "image_size", name)
         self.num_frm = config_value(config, "num_frm_train" if train else "num_frm_test", name)
         self.max_words = config.get("max_words", DEFAULT_MAX_WORDS)
@@ -92,7 +93,8 @@ class ClipDataset(Dataset):
 
 class PretrainDataset(ClipDataset):
     """JSON arrays of {"path", "caption"}; video paths decode as clips, other paths as
-    images repeated num_frm_train times. Relative paths resolve against video_root."""
+    images repeated num_frm_train times. Absolute paths are used as they are; relative ones
+    resolve against video_root when the config gives one, else against the working folder."""
 
     def __init__(self, config, name, split="train", **options):
         if split != "train":
@@ -167,6 +169,7 @@ class RetrievalEvalDataset(ClipDataset):
 
 
 def build_retrieval(config, name, split="train", reader=None, **options):
+    config_value(config, "video_root", name)
     pairs = reader(config_value(config, "ann_root", name), split)
     dataset_class = RetrievalTrainDataset if split == "train" else RetrievalEvalDataset
     return dataset_class(config, name, pairs, **options)
@@ -178,6 +181,7 @@ class VideoQADataset(ClipDataset):
     evaluation; `.answers` and `.question_types` map question_id to ground truth."""
 
     def __init__(self, config, name, split="train", **options):
+        config_value(config, "video_root", name)
         super().__init__(config, name, train=split == "train", **options)
         ann_root = Path(config_value(config, "ann_root", name))
         questions = read_json(ann_root / f"{split}_q.json", f"{name} questions")

@@ -5,17 +5,20 @@ import torch
 from ruamel.yaml import YAML
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
 
 
 def read_yaml(path) -> dict:
     return dict(YAML(typ="safe").load(Path(path).read_text()))
 
 
-def tiny_config(tiny_dir: Path, name: str) -> dict:
-    """A fixture yaml with its tiny BERT config (the fixtures' ``med_config``)."""
-    config = read_yaml(tiny_dir / f"{name}.yaml")
-    bert = "bert_config_tiny.json" if name.startswith("pretrain") else "med_config_tiny.json"
-    config["med_config"] = str(tiny_dir / bert)
+def fixture_config(name: str) -> dict:
+    """A fixture yaml (``retrieval``, ``retrieval_nomerge``, ``vqa``, ``pretrain``) with its
+    BERT config and vocabulary resolved against ``tests/fixtures``."""
+    config = read_yaml(FIXTURES / f"{name}.yaml")
+    bert = "bert_config_compact.json" if name.startswith("pretrain") else "med_config_compact.json"
+    config["med_config"] = str(FIXTURES / bert)
+    config["tokenizer"] = str(FIXTURES / config.get("tokenizer", "vocab.txt"))
     return config
 
 

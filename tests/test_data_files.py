@@ -162,6 +162,25 @@ def test_pretrain_mixes_videos_and_images(corpus):
     assert len(images) == 2 and images[0][0].shape == (2, 3, IMG, IMG)
 
 
+def test_published_pretrain_config_runs_without_video_root(corpus, tmp_path, monkeypatch):
+    """configs/pretrain_timesformer.yaml names no video_root: absolute paths are used as they
+    are, relative ones resolve against video_root when given, else the working folder."""
+    from tests.helpers import REPO_ROOT, read_yaml
+    root = Path(corpus["config"]["pretrain_video_root"])
+    entries = [e for f in corpus["config"]["train_file"] for e in json.loads(Path(f).read_text())]
+    absolute = tmp_path / "absolute.json"
+    absolute.write_text(json.dumps([dict(e, path=str(root / e["path"])) for e in entries]))
+    config = read_yaml(REPO_ROOT / "configs" / "pretrain_timesformer.yaml")
+    assert "video_root" not in config
+    config.update(train_file=[str(absolute)], image_size=IMG, video_resize=SIZE, num_frm_train=2)
+    dataset = create_dataset("pretrain", config)
+    assert len(dataset) == len(entries) and dataset[0][0].shape == (2, 3, IMG, IMG)
+    relative = dict(config, train_file=corpus["config"]["train_file"])
+    assert len(create_dataset("pretrain", dict(relative, video_root=str(root)))) == len(entries)
+    monkeypatch.chdir(root)
+    assert len(create_dataset("pretrain", relative)) == len(entries)
+
+
 def test_unknown_dataset_strategy_and_missing_annotation_errors(corpus, tmp_path):
     with pytest.raises(ValueError, match="headtail"):
         create_dataset("retrieval_didemo", config_for(corpus, "retrieval_didemo", frm_sampling_strategy="middle"))

@@ -12,7 +12,7 @@ from models.med import (BertConfig, BertLMHeadModel, BertModel, beam_search, nuc
                         tie_encoder_decoder_weights)
 
 TOL = dict(atol=1e-5, rtol=0)
-KEYS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "checkpoints" / "keys"
+KEYS_DIR = Path(__file__).resolve().parent / "fixtures" / "checkpoint_keys"
 
 
 def sub_state(state, prefix):
@@ -26,10 +26,10 @@ def load_linear(state, prefix):
     return layer
 
 
-def build_text_models(tiny_dir, config_name, state, resize_to=None):
-    """Encoder and decoder from a tiny config, loaded strictly from a checkpoint state dict."""
-    encoder = BertModel(BertConfig.from_json_file(tiny_dir / config_name)).eval()
-    decoder = BertLMHeadModel(BertConfig.from_json_file(tiny_dir / config_name)).eval()
+def build_text_models(fixtures_dir, config_name, state, resize_to=None):
+    """Encoder and decoder from a fixture config, loaded strictly from a checkpoint state dict."""
+    encoder = BertModel(BertConfig.from_json_file(fixtures_dir / config_name)).eval()
+    decoder = BertLMHeadModel(BertConfig.from_json_file(fixtures_dir / config_name)).eval()
     if resize_to is not None:
         encoder.resize_token_embeddings(resize_to)
         decoder.resize_token_embeddings(resize_to)
@@ -38,8 +38,8 @@ def build_text_models(tiny_dir, config_name, state, resize_to=None):
     return encoder, decoder
 
 
-def checkpoint_state(tiny_dir, name):
-    return load_reference(tiny_dir / name)["model"]
+def checkpoint_state(fixtures_dir, name):
+    return load_reference(fixtures_dir / name)["model"]
 
 
 def itm_cls_all_pairs(encoder, itm_input_ids, attention_mask, video_tokens):
@@ -54,10 +54,10 @@ def itm_cls_all_pairs(encoder, itm_input_ids, attention_mask, video_tokens):
 
 
 @torch.no_grad()
-def test_retrieval_text_parity(tiny_dir):
-    ref = load_reference(tiny_dir / "retrieval_tiny_ref.pt")
-    state = checkpoint_state(tiny_dir, "retrieval_tiny.pth")
-    encoder = BertModel(BertConfig.from_json_file(tiny_dir / "med_config_tiny.json")).eval()
+def test_retrieval_text_parity(fixtures_dir):
+    ref = load_reference(fixtures_dir / "retrieval_ref.pt")
+    state = checkpoint_state(fixtures_dir, "retrieval.pth")
+    encoder = BertModel(BertConfig.from_json_file(fixtures_dir / "med_config_compact.json")).eval()
     encoder.load_state_dict(sub_state(state, "text_encoder."), strict=True)
 
     hidden = encoder(ref["input_ids"], attention_mask=ref["attention_mask"], mode="text").last_hidden_state
@@ -72,9 +72,9 @@ def test_retrieval_text_parity(tiny_dir):
 
 
 @torch.no_grad()
-def test_vqa_question_and_answer_ranking_parity(tiny_dir):
-    ref = load_reference(tiny_dir / "vqa_tiny_ref.pt")
-    encoder, decoder = build_text_models(tiny_dir, "med_config_tiny.json", checkpoint_state(tiny_dir, "vqa_tiny.pth"))
+def test_vqa_question_and_answer_ranking_parity(fixtures_dir):
+    ref = load_reference(fixtures_dir / "vqa_ref.pt")
+    encoder, decoder = build_text_models(fixtures_dir, "med_config_compact.json", checkpoint_state(fixtures_dir, "vqa.pth"))
     question_mask = ref["question_attention_mask"]
     video = ref["visual_encoder_out"]
     states = encoder(ref["question_input_ids"], attention_mask=question_mask, encoder_hidden_states=video,
@@ -103,11 +103,11 @@ def test_vqa_question_and_answer_ranking_parity(tiny_dir):
 
 
 @torch.no_grad()
-def test_pretrain_resized_and_tied_parity(tiny_dir):
-    ref = load_reference(tiny_dir / "pretrain_tiny_ref.pt")
-    state = checkpoint_state(tiny_dir, "pretrain_tiny.pth")
-    encoder, decoder = build_text_models(tiny_dir, "bert_config_tiny.json", state, resize_to=30524)
-    assert encoder.config.vocab_size == decoder.config.vocab_size == 30524
+def test_pretrain_resized_and_tied_parity(fixtures_dir):
+    ref = load_reference(fixtures_dir / "pretrain_ref.pt")
+    state = checkpoint_state(fixtures_dir, "pretrain.pth")
+    encoder, decoder = build_text_models(fixtures_dir, "bert_config_compact.json", state, resize_to=3002)
+    assert encoder.config.vocab_size == decoder.config.vocab_size == 3002
     predictions = decoder.cls.predictions
     assert predictions.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
     assert predictions.bias is predictions.decoder.bias

@@ -7,20 +7,20 @@ import torch
 from models import build_retrieval_model
 from models.checkpoint import CheckpointError, load_checkpoint
 from tests.conftest import load_reference
-from tests.helpers import tiny_config
+from tests.helpers import fixture_config
 
 
 @pytest.fixture()
-def fresh_retrieval(tiny_dir):
+def fresh_retrieval():
     torch.manual_seed(0)
-    return build_retrieval_model(tiny_config(tiny_dir, "retrieval_tiny"))
+    return build_retrieval_model(fixture_config("retrieval"))
 
 
-def test_blip_image_checkpoint_initialises_video_model(reference_dir, fresh_retrieval):
-    blip_dir = reference_dir / "blip_init"
-    report = load_checkpoint(fresh_retrieval, str(blip_dir / "blip_image_tiny.pth"), verbose=False)
-    expected = load_reference(blip_dir / "loaded_blip_image_tiny__retrieval_tiny.pth")["model"]
-    original_msg = json.loads((blip_dir / "loaded_blip_image_tiny__retrieval_tiny_msg.json").read_text())
+def test_blip_image_checkpoint_initialises_video_model(fixtures_dir, fresh_retrieval):
+    blip_dir = fixtures_dir / "blip_init"
+    report = load_checkpoint(fresh_retrieval, str(blip_dir / "blip_image_compact.pth"), verbose=False)
+    expected = load_reference(blip_dir / "loaded_blip_image_compact__retrieval.pth")["model"]
+    original_msg = json.loads((blip_dir / "loaded_blip_image_compact__retrieval_msg.json").read_text())
     from_checkpoint = [k for k in expected if k not in original_msg["missing_keys"]]
     assert len(from_checkpoint) > 500
     state = fresh_retrieval.state_dict()
@@ -38,31 +38,31 @@ def test_blip_image_checkpoint_initialises_video_model(reference_dir, fresh_retr
     assert report.initialised_from_spatial and all("temporal" in k for k in report.initialised_from_spatial)
 
 
-def test_queues_that_do_not_fit_are_reinitialised(tiny_dir):
-    config = {**tiny_config(tiny_dir, "retrieval_tiny"), "queue_size": 4}
+def test_queues_that_do_not_fit_are_reinitialised(fixtures_dir):
+    config = {**fixture_config("retrieval"), "queue_size": 4}
     model = build_retrieval_model(config)
     before = model.image_queue.clone()
-    report = load_checkpoint(model, str(tiny_dir / "retrieval_tiny.pth"), verbose=False)
+    report = load_checkpoint(model, str(fixtures_dir / "retrieval.pth"), verbose=False)
     assert "image_queue" in report.reinitialised and torch.equal(model.image_queue, before)
 
 
-def test_time_and_position_embeddings_are_resized(tiny_dir):
-    config = {**tiny_config(tiny_dir, "retrieval_tiny"), "num_frames": 4, "image_size": 96}
+def test_time_and_position_embeddings_are_resized(fixtures_dir):
+    config = {**fixture_config("retrieval"), "num_frames": 4, "image_size": 96}
     model = build_retrieval_model(config)
-    report = load_checkpoint(model, str(tiny_dir / "retrieval_tiny.pth"), verbose=False)
+    report = load_checkpoint(model, str(fixtures_dir / "retrieval.pth"), verbose=False)
     assert model.visual_encoder.time_embed.shape[1] == 4
     assert model.visual_encoder.pos_embed.shape[1] == 1 + 6 * 6
     assert any("time_embed" in r for r in report.resized) and any("pos_embed" in r for r in report.resized)
-    source = torch.load(tiny_dir / "retrieval_tiny.pth", weights_only=True)["model"]
+    source = torch.load(fixtures_dir / "retrieval.pth", weights_only=True)["model"]
     # The momentum encoder's time_embed comes from its own entry (nearest: frames 0, 2, 4, 6).
     torch.testing.assert_close(model.visual_encoder_m.time_embed, source["visual_encoder_m.time_embed"][:, ::2])
 
 
-def test_shape_mismatch_names_the_key(tiny_dir, tmp_path):
-    config = {**tiny_config(tiny_dir, "retrieval_tiny"), "vision_width": 64}
+def test_shape_mismatch_names_the_key(fixtures_dir, tmp_path):
+    config = {**fixture_config("retrieval"), "vision_width": 64}
     model = build_retrieval_model(config)
     with pytest.raises(CheckpointError, match=r"visual_encoder\.cls_token"):
-        load_checkpoint(model, str(tiny_dir / "retrieval_tiny.pth"), verbose=False)
+        load_checkpoint(model, str(fixtures_dir / "retrieval.pth"), verbose=False)
 
 
 def test_unrelated_or_missing_checkpoints_fail_clearly(fresh_retrieval, tmp_path):
@@ -74,7 +74,7 @@ def test_unrelated_or_missing_checkpoints_fail_clearly(fresh_retrieval, tmp_path
         load_checkpoint(fresh_retrieval, str(tmp_path / "nope.pth"), verbose=False)
 
 
-def test_summary_reports_ignored_modules_once(reference_dir, fresh_retrieval, capsys):
-    load_checkpoint(fresh_retrieval, str(reference_dir / "blip_init" / "blip_image_tiny.pth"))
+def test_summary_reports_ignored_modules_once(fixtures_dir, fresh_retrieval, capsys):
+    load_checkpoint(fresh_retrieval, str(fixtures_dir / "blip_init" / "blip_image_compact.pth"))
     out = capsys.readouterr().out
     assert out.count("ignored (not used by this model): text_decoder") == 1

@@ -1,5 +1,5 @@
 """The checkpoint contract: base-size models from the real configs have the released key names,
-shapes, dtypes and tied groups (../shared/checkpoints/keys). Built on the meta device: no memory."""
+shapes, dtypes and tied groups (tests/fixtures/checkpoint_keys). Built on the meta device: no memory."""
 from collections import defaultdict
 
 import pytest
@@ -29,8 +29,8 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def keys_dir(reference_dir):
-    return reference_dir.parent / "checkpoints" / "keys"
+def keys_dir(fixtures_dir):
+    return fixtures_dir / "checkpoint_keys"
 
 
 def read_contract(keys_dir, stem):

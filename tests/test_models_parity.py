@@ -1,4 +1,4 @@
-"""Whole-model parity with the original implementation's outputs (../shared/fixtures/tiny)."""
+"""Whole-model parity with the original implementation's outputs (tests/fixtures)."""
 import copy
 
 import pytest
@@ -7,22 +7,22 @@ import torch
 from models import build_pretrain_model, build_qa_model, build_retrieval_model
 from models.testa_retrieval import rerank_scores
 from tests.conftest import load_reference
-from tests.helpers import load_exact, tiny_config
+from tests.helpers import load_exact, fixture_config
 
 ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def retrieval(tiny_dir):
-    model = load_exact(build_retrieval_model(tiny_config(tiny_dir, "retrieval_tiny")), tiny_dir / "retrieval_tiny.pth")
-    return model, load_reference(tiny_dir / "retrieval_tiny_ref.pt")
+def retrieval(fixtures_dir):
+    model = load_exact(build_retrieval_model(fixture_config("retrieval")), fixtures_dir / "retrieval.pth")
+    return model, load_reference(fixtures_dir / "retrieval_ref.pt")
 
 
-@pytest.mark.parametrize("variant", ["retrieval_tiny", "retrieval_tiny_nomerge"])
+@pytest.mark.parametrize("variant", ["retrieval", "retrieval_nomerge"])
 @torch.no_grad()
-def test_retrieval_features_and_itm_scores(tiny_dir, variant):
-    model = load_exact(build_retrieval_model(tiny_config(tiny_dir, variant)), tiny_dir / f"{variant}.pth")
-    ref = load_reference(tiny_dir / f"{variant}_ref.pt")
+def test_retrieval_features_and_itm_scores(fixtures_dir, variant):
+    model = load_exact(build_retrieval_model(fixture_config(variant)), fixtures_dir / f"{variant}.pth")
+    ref = load_reference(fixtures_dir / f"{variant}_ref.pt")
     tokens, video_embed = model.encode_video(ref["video"])
     input_ids, attention_mask = model.tokenize(ref["captions"])
     assert torch.equal(input_ids, ref["input_ids"]) and torch.equal(attention_mask, ref["attention_mask"])
@@ -55,9 +55,9 @@ def test_retrieval_rerank_matches_original_evaluation(retrieval):
 
 
 @pytest.fixture(scope="module")
-def qa(tiny_dir):
-    model = load_exact(build_qa_model(tiny_config(tiny_dir, "vqa_tiny")), tiny_dir / "vqa_tiny.pth")
-    return model, load_reference(tiny_dir / "vqa_tiny_ref.pt")
+def qa(fixtures_dir):
+    model = load_exact(build_qa_model(fixture_config("vqa")), fixtures_dir / "vqa.pth")
+    return model, load_reference(fixtures_dir / "vqa_ref.pt")
 
 
 @torch.no_grad()
@@ -80,9 +80,9 @@ def test_qa_training_loss_matches(qa):
 
 
 @torch.no_grad()
-def test_pretrain_features_and_losses(tiny_dir):
-    model = load_exact(build_pretrain_model(tiny_config(tiny_dir, "pretrain_tiny")), tiny_dir / "pretrain_tiny.pth")
-    ref = load_reference(tiny_dir / "pretrain_tiny_ref.pt")
+def test_pretrain_features_and_losses(fixtures_dir):
+    model = load_exact(build_pretrain_model(fixture_config("pretrain")), fixtures_dir / "pretrain.pth")
+    ref = load_reference(fixtures_dir / "pretrain_ref.pt")
     tokens, image_feat = model.encode_video(ref["video"])
     torch.testing.assert_close(image_feat, ref["image_feat"], atol=ATOL, rtol=0)
     _, text_feat = model.encode_text(ref["input_ids"], ref["attention_mask"])
@@ -101,11 +101,11 @@ def test_pretrain_features_and_losses(tiny_dir):
 
 
 @torch.no_grad()
-def test_generation_paths_return_one_string_per_video(qa, tiny_dir):
+def test_generation_paths_return_one_string_per_video(qa, fixtures_dir):
     model, ref = qa
     answers = model.generate_answers(ref["video"], ref["questions"], num_beams=3, max_length=6)
     assert len(answers) == 2 and all(isinstance(a, str) and a for a in answers)
-    pretrain = load_exact(build_pretrain_model(tiny_config(tiny_dir, "pretrain_tiny")), tiny_dir / "pretrain_tiny.pth")
+    pretrain = load_exact(build_pretrain_model(fixture_config("pretrain")), fixtures_dir / "pretrain.pth")
     torch.manual_seed(0)
     sampled = pretrain.generate_captions(ref["video"], sample=True, max_length=8, min_length=4)
     torch.manual_seed(0)

@@ -127,10 +127,10 @@ def test_bad_input_is_one_clear_line(corpus, tmp_path, case, args, message):
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
-def test_checkpoint_of_another_model_is_one_clear_line(corpus, tmp_path, tiny_dir):
+def test_checkpoint_of_another_model_is_one_clear_line(corpus, tmp_path, fixtures_dir):
     # The fixture's retrieval model is 32 wide; the toy config builds a 64-wide one.
     result = run_script("train_video_retrieval.py",
-                        *retrieval_args(corpus, tmp_path / "out", f"pretrained={tiny_dir / 'retrieval_tiny.pth'}"),
+                        *retrieval_args(corpus, tmp_path / "out", f"pretrained={fixtures_dir / 'retrieval.pth'}"),
                         "--evaluate", check=False)
     assert result.returncode == 1
     assert "shape mismatch" in result.stderr and "Traceback" not in result.stderr, result.stderr

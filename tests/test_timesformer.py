@@ -16,20 +16,20 @@ def _tiny_video(frames=8, size=64, batch=2):
     return torch.randn(batch, 3, frames, size, size, generator=torch.Generator().manual_seed(7))
 
 
-def _load_encoder(tiny_dir, name):
-    config = YAML(typ="safe").load((tiny_dir / f"{name}.yaml").read_text())
+def _load_encoder(fixtures_dir, name):
+    config = YAML(typ="safe").load((fixtures_dir / f"{name}.yaml").read_text())
     encoder = build_video_encoder(config)
-    state = torch.load(tiny_dir / f"{name}.pth", map_location="cpu", weights_only=True)["model"]
+    state = torch.load(fixtures_dir / f"{name}.pth", map_location="cpu", weights_only=True)["model"]
     visual = {key[len(PREFIX):]: value for key, value in state.items() if key.startswith(PREFIX)}
     encoder.load_state_dict(visual, strict=True)
     return encoder.eval()
 
 
 # ----------------------------------------------------------------------------- parity
-@pytest.mark.parametrize("name", ["retrieval_tiny", "retrieval_tiny_nomerge", "pretrain_tiny", "vqa_tiny"])
-def test_matches_the_original_block_by_block(tiny_dir, name):
-    encoder = _load_encoder(tiny_dir, name)
-    reference = torch.load(tiny_dir / f"{name}_ref.pt", map_location="cpu", weights_only=True)
+@pytest.mark.parametrize("name", ["retrieval", "retrieval_nomerge", "pretrain", "vqa"])
+def test_matches_the_original_block_by_block(fixtures_dir, name):
+    encoder = _load_encoder(fixtures_dir, name)
+    reference = torch.load(fixtures_dir / f"{name}_ref.pt", map_location="cpu", weights_only=True)
     with torch.no_grad():
         out, trace = encoder.forward_with_trace(reference["video"])
     torch.testing.assert_close(trace.block_input, reference["visual_block0_input"], atol=1e-5, rtol=0)
@@ -216,8 +216,8 @@ def test_initialisation_starts_as_a_per_frame_image_encoder():
     ("blip_pretrain_timesformer_space_only", dict(num_frames=8, learnable_temporal_scaling=True,
                                                   attention_type="space_only")),
 ])
-def test_base_encoder_keys_and_shapes_match_the_released_checkpoints(reference_dir, stem, kwargs):
-    listing = reference_dir.parent / "checkpoints" / "keys" / f"{stem}_state_dict.txt"
+def test_base_encoder_keys_and_shapes_match_the_released_checkpoints(fixtures_dir, stem, kwargs):
+    listing = fixtures_dir / "checkpoint_keys" / f"{stem}_state_dict.txt"
     expected = []
     for line in listing.read_text().splitlines():
         name, shape, _ = line.split("\t")

@@ -50,17 +50,30 @@ def test_basic_and_wordpiece_rules():
     assert wordpiece("a" * 101, {"a": 0, "##a": 1}) == ["[UNK]"]
 
 
+@pytest.fixture(scope="module")
+def compact_tokenizer(fixtures_dir):
+    """The fixtures' tokenizer: the first 3000 BERT tokens, then [DEC] and [ENC]."""
+    return init_tokenizer(fixtures_dir / "vocab.txt")
+
+
+def test_compact_vocab_appends_blip_tokens(compact_tokenizer):
+    assert len(compact_tokenizer) == 3002
+    assert (compact_tokenizer.bos_token_id, compact_tokenizer.enc_token_id) == (3000, 3001)
+
+
 @pytest.mark.parametrize("name, kwargs, ids_key, mask_key, text_key", [
-    ("retrieval_tiny_ref.pt", dict(padding="max_length", truncation=True, max_length=16),
+    ("retrieval_ref.pt", dict(padding="max_length", truncation=True, max_length=16),
      "input_ids", "attention_mask", "captions"),
-    ("pretrain_tiny_ref.pt", dict(padding="max_length", truncation=True, max_length=30),
+    ("pretrain_ref.pt", dict(padding="max_length", truncation=True, max_length=30),
      "input_ids", "attention_mask", "captions"),
-    ("vqa_tiny_ref.pt", dict(padding="longest", truncation=True, max_length=35),
+    ("vqa_ref.pt", dict(padding="longest", truncation=True, max_length=35),
      "question_input_ids", "question_attention_mask", "questions"),
-    ("vqa_tiny_ref.pt", dict(padding="longest"), "answer_input_ids", "answer_attention_mask", "answer_list"),
+    ("vqa_ref.pt", dict(padding="longest"), "answer_input_ids", "answer_attention_mask", "answer_list"),
 ])
-def test_reproduces_reference_ids(tokenizer, tiny_dir, name, kwargs, ids_key, mask_key, text_key):
-    ref = load_reference(tiny_dir / name)
+def test_reproduces_reference_ids(compact_tokenizer, fixtures_dir, name, kwargs, ids_key, mask_key, text_key):
+    ref = load_reference(fixtures_dir / name)
+    tokenizer = compact_tokenizer
+    assert (ref["bos_token_id"], ref["enc_token_id"]) == (tokenizer.bos_token_id, tokenizer.enc_token_id)
     out = tokenizer(ref[text_key], return_tensors="pt", **kwargs)
     expected_ids = ref[ids_key].clone()
     # The original replaced [CLS] by [ENC]/[DEC] after tokenising; undo that to compare.
