@@ -8,6 +8,8 @@ from models.contrastive import VideoTextContrastive
 from models.med import tie_encoder_decoder_weights
 
 CAPTION_TOKENS = 30  # the released pre-training used a fixed caption length
+# BLIP's captioner samples with this fixed penalty; its repetition_penalty argument reaches beam search only.
+SAMPLING_REPETITION_PENALTY = 1.1
 
 
 class VideoPretrainModel(VideoTextContrastive):
@@ -70,19 +72,28 @@ class VideoPretrainModel(VideoTextContrastive):
                                  encoder_attention_mask=video_atts, labels=targets).loss
 
     @torch.no_grad()
-    def generate_captions(self, video: torch.Tensor, sample: bool = False, num_beams: int = 3,
-                          max_length: int = 30, min_length: int = 10, top_p: float = 0.9,
-                          repetition_penalty: float = 1.0) -> list[str]:
-        """Captions for videos: beam search, or nucleus sampling when ``sample``."""
+    def generate_caption_ids(self, video: torch.Tensor, sample: bool = False, num_beams: int = 3,
+                             max_length: int = 30, min_length: int = 10, top_p: float = 0.9,
+                             repetition_penalty: float | None = None) -> torch.Tensor:
+        """Caption ids (B, <= max_length) from [DEC], by beam search or, when ``sample``, nucleus sampling.
+
+        ``repetition_penalty=None`` takes BLIP's: none for beam search, 1.1 for sampling.
+        """
+        if repetition_penalty is None:
+            repetition_penalty = SAMPLING_REPETITION_PENALTY if sample else 1.0
         video_tokens = self.visual_encoder(video)
         beams = 1 if sample else num_beams
         video_tokens = video_tokens.repeat_interleave(beams, dim=0)
         video_atts = torch.ones(video_tokens.shape[:-1], dtype=torch.long, device=video.device)
         start = torch.full((video.shape[0], 1), self.tokenizer.bos_token_id, device=video.device)
-        outputs = self.text_decoder.generate(start, encoder_hidden_states=video_tokens,
-                                             encoder_attention_mask=video_atts, num_beams=beams,
-                                             do_sample=sample, top_p=top_p, max_length=max_length,
-                                             min_length=min_length, repetition_penalty=repetition_penalty,
-                                             eos_token_id=self.tokenizer.sep_token_id,
-                                             pad_token_id=self.tokenizer.pad_token_id)
-        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+        return self.text_decoder.generate(start, encoder_hidden_states=video_tokens,
+                                          encoder_attention_mask=video_atts, num_beams=beams,
+                                          do_sample=sample, top_p=top_p, max_length=max_length,
+                                          min_length=min_length, repetition_penalty=repetition_penalty,
+                                          eos_token_id=self.tokenizer.sep_token_id,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+
+    @torch.no_grad()
+    def generate_captions(self, video: torch.Tensor, **settings) -> list[str]:
+        """Captions for videos; ``settings`` as for ``generate_caption_ids``."""
+        return self.tokenizer.batch_decode(self.generate_caption_ids(video, **settings), skip_special_tokens=True)

@@ -489,8 +489,11 @@ def nucleus_filter(logits, top_p, top_k):
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # A token is dropped when the tokens before it already reach top_p, so the best one always stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        # A token is dropped when the tokens before it strictly exceed top_p, so the best one always stays.
+        # Strictly, as in the transformers release TESTA pins (4.21.1): tokens summing to exactly top_p still
+        # admit the next one (releases from late 2022 on drop it).
+        drop_sorted = torch.zeros_like(cumulative, dtype=torch.bool)
+        drop_sorted[..., 1:] = cumulative[..., :-1] > top_p
         drop = drop_sorted.scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, -math.inf)
     return logits
@@ -519,24 +522,38 @@ def sample_or_greedy(step, ids, max_length, min_length, repetition_penalty, eos_
 
 
 class BeamHypotheses:
-    """The ``num_beams`` best finished sequences of one prompt, scored by length-normalised log-probability."""
+    """The ``num_beams`` best finished sequences of one prompt, scored by length-normalised log-probability.
+
+    Equal scores are resolved as HF's scorer does, which matters for exact parity: a full list only admits a
+    strictly better sequence, which evicts the earliest added of the worst; the best is the latest added of
+    the top-scoring ones.
+    """
 
     def __init__(self, num_beams):
         self.num_beams = num_beams
-        self.finished = []  # (score, ids)
+        self.finished = []  # (score, ids), in the order they were added
+
+    def worst_score(self):
+        return min(score for score, _ in self.finished)
 
     def add(self, ids, sum_log_probs):
-        self.finished.append((sum_log_probs / ids.shape[0], ids))
-        self.finished.sort(key=lambda item: item[0], reverse=True)
-        del self.finished[self.num_beams:]
+        score = sum_log_probs / ids.shape[0]
+        if len(self.finished) == self.num_beams:
+            if score <= self.worst_score():
+                return
+            # min() returns the first of equal minima, i.e. the earliest added.
+            worst = min(range(self.num_beams), key=lambda i: self.finished[i][0])
+            del self.finished[worst]
+        self.finished.append((score, ids))
 
     def is_done(self, best_running_sum, length):
         # No running beam can still beat the worst kept hypothesis.
         return (len(self.finished) == self.num_beams
-                and self.finished[-1][0] >= best_running_sum / length)
+                and self.worst_score() >= best_running_sum / length)
 
     def best(self):
-        return self.finished[0][1]
+        # max() returns the first of equal maxima; scanning newest first picks the latest added.
+        return max(reversed(self.finished), key=lambda item: item[0])[1]
 
 
 def beam_search(step, ids, num_beams, max_length, min_length, repetition_penalty, eos_token_id, pad_token_id):

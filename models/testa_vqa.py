@@ -84,15 +84,23 @@ class VideoQAModel(nn.Module):
         return top_ids.gather(1, best[:, None]).squeeze(1)
 
     @torch.no_grad()
+    def generate_answer_ids(self, video: torch.Tensor, questions: list[str], num_beams: int = 3,
+                            max_length: int = 10, min_length: int = 1) -> torch.Tensor:
+        """Beam-searched answers (B, <= max_length) as the decoder returns them: [DEC] first, then the
+        answer, its [SEP] and [PAD] up to the longest answer of the batch."""
+        states, _ = self.encode_question(video, questions)
+        start = torch.full((states.shape[0], 1), self.tokenizer.bos_token_id, device=states.device)
+        # The original decodes over every question token: padding included, the question mask unused.
+        states = states.repeat_interleave(num_beams, 0)
+        return self.text_decoder.generate(start, encoder_hidden_states=states,
+                                          encoder_attention_mask=torch.ones(states.shape[:-1], dtype=torch.long,
+                                                                            device=states.device),
+                                          num_beams=num_beams, max_length=max_length, min_length=min_length,
+                                          eos_token_id=self.tokenizer.sep_token_id,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+
+    @torch.no_grad()
     def generate_answers(self, video: torch.Tensor, questions: list[str], num_beams: int = 3,
                          max_length: int = 10, min_length: int = 1) -> list[str]:
-        states, mask = self.encode_question(video, questions)
-        start = torch.full((states.shape[0], 1), self.tokenizer.bos_token_id, device=states.device)
-        outputs = self.text_decoder.generate(start, encoder_hidden_states=states.repeat_interleave(num_beams, 0),
-                                             encoder_attention_mask=torch.ones(
-                                                 states.shape[0] * num_beams, states.shape[1], dtype=torch.long,
-                                                 device=states.device),
-                                             num_beams=num_beams, max_length=max_length, min_length=min_length,
-                                             eos_token_id=self.tokenizer.sep_token_id,
-                                             pad_token_id=self.tokenizer.pad_token_id)
-        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+        ids = self.generate_answer_ids(video, questions, num_beams, max_length, min_length)
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
