@@ -113,7 +113,8 @@ def evaluate(model, loader, dataset, run, split: str) -> dict:
                 archive.writestr("sim_matrix_test.npy", buffer.getvalue())
         print(f"wrote {run.output_dir / 'submission.zip'} (text-to-video scores, {tuple(scores_t2v.shape)})")
         return {}
-    return utils.retrieval_metrics(scores_t2v, scores_v2t, dataset.txt2video, dataset.video2txt)
+    return utils.retrieval_metrics(scores_t2v, scores_v2t, dataset.txt2video, dataset.video2txt,
+                                   run.config.get("tie_rule", "original"))
 
 
 def main():
@@ -121,6 +122,8 @@ def main():
     run = utils.setup_run(args)
     config = run.config
     utils.require_keys(config, ["dataset", "video_root", "ann_root", "k_test", "queue_size"], "retrieval")
+    if config.get("tie_rule", "original") not in utils.TIE_RULES:
+        raise utils.ConfigError(f"tie_rule must be one of {utils.TIE_RULES}, got {config['tie_rule']!r}")
     splits = ["test"] if args.evaluate else ["train", "val", "test"]
     datasets, loaders = create_split_loaders(config["dataset"], config, splits, utils.get_world_size(),
                                              utils.get_rank(), run.seed, pin_memory=run.device.type == "cuda")

@@ -258,7 +258,8 @@ KNOWN_CONFIG_KEYS = frozenset({
     "init_lr", "min_lr", "lr_decay_rate", "warmup_lr", "warmup_steps", "weight_decay",
     "max_epoch", "seed",
     # evaluation
-    "k_test", "k_test_batch_size", "low_resource_eval", "inference",
+    "k_test", "k_test_batch_size", "low_resource_eval", "inference", "tie_rule",
+    "frm_sampling_strategy_test",
 })
 
 
@@ -1016,7 +1017,9 @@ def fit(run: Run, model: torch.nn.Module, train_loader, compute_losses, schedule
 def evaluation_protocol(config: dict, **extra) -> dict:
     """What a result was measured with, stored next to the metrics."""
     return {"frames": config.get("num_frm_test"), "image_size": config.get("image_size"),
-            "k_test": config.get("k_test"), "checkpoint": config.get("pretrained") or None, **extra}
+            "frame_sampling": config.get("frm_sampling_strategy_test") or "uniform",
+            "k_test": config.get("k_test"), "tie_rule": config.get("tie_rule", "original"),
+            "checkpoint": config.get("pretrained") or None, **extra}
 
 
 def report_test(run: Run, model: torch.nn.Module, test: Callable[[torch.nn.Module], dict], filename: str,
@@ -1036,13 +1039,23 @@ def write_results(output_dir, filename: str, record: dict) -> None:
 
 
 # ---- Metrics ---------------------------------------------------------------------------
-def best_ground_truth_ranks(scores, ground_truth: list[list[int]]) -> np.ndarray:
+TIE_RULES = ("original", "pessimistic")
+
+
+def best_ground_truth_ranks(scores, ground_truth: list[list[int]], tie_rule: str = "original") -> np.ndarray:
     """1-based rank of the best-ranked ground truth for each query (row of `scores`).
 
-    Ties are pessimistic: rank = 1 + the number of *non*-ground-truth candidates scoring
-    at least as high as the best ground truth. Other ground truths never push it down.
-    (So a ground truth left at the fill value outside the re-ranked top k ranks last.)
+    tie_rule decides where a ground truth lands among exactly equal scores:
+    - "original": its position in ``numpy.argsort(row)[::-1]``, the original's metric, so
+      published numbers reproduce (for short rows the later index comes first among ties;
+      numpy promises no order for ties in general);
+    - "pessimistic": 1 + the number of non-ground-truth candidates scoring at least as
+      high as the best ground truth (a ground truth left at the fill value outside the
+      re-ranked top k ranks last).
+    Other ground truths never push a query's rank down under either rule.
     """
+    if tie_rule not in TIE_RULES:
+        raise ValueError(f"unknown tie_rule {tie_rule!r}; expected one of {TIE_RULES}")
     scores = scores.detach().float().cpu().numpy() if torch.is_tensor(scores) else np.asarray(scores)
     if scores.ndim != 2 or scores.shape[0] != len(ground_truth):
         raise ValueError(f"scores must be (num_queries, num_candidates) with one ground-truth "
@@ -1051,11 +1064,15 @@ def best_ground_truth_ranks(scores, ground_truth: list[list[int]]) -> np.ndarray
     for query, targets in enumerate(ground_truth):
         if len(targets) == 0:
             raise ValueError(f"query {query} has no ground-truth candidate")
-        row = scores[query]
-        is_target = np.zeros(row.shape[0], dtype=bool)
-        is_target[list(targets)] = True
-        best = row[is_target].max()
-        ranks[query] = 1 + int(np.count_nonzero(row[~is_target] >= best))
+        row, targets = scores[query], list(targets)
+        if tie_rule == "original":
+            position = np.empty(row.shape[0], dtype=np.int64)
+            position[np.argsort(row)[::-1]] = np.arange(row.shape[0])
+            ranks[query] = 1 + int(position[targets].min())
+        else:
+            is_target = np.zeros(row.shape[0], dtype=bool)
+            is_target[targets] = True
+            ranks[query] = 1 + int(np.count_nonzero(row[~is_target] >= row[is_target].max()))
     return ranks
 
 
@@ -1068,14 +1085,15 @@ def _rank_metrics(ranks: np.ndarray, prefix: str) -> dict:
 
 
 def retrieval_metrics(scores_t2v, scores_v2t, txt2video: list[int],
-                      video2txt: list[list[int]]) -> dict:
+                      video2txt: list[list[int]], tie_rule: str = "original") -> dict:
     """R@1/5/10 (percent), their mean, median and mean rank in both directions, and r_mean.
 
     scores_t2v is (num_texts, num_videos); scores_v2t is (num_videos, num_texts);
-    txt2video[t] is text t's video; video2txt[v] lists video v's texts (one or more).
+    txt2video[t] is text t's video; video2txt[v] lists video v's texts (one or more);
+    tie_rule as in best_ground_truth_ranks.
     """
-    t2v = _rank_metrics(best_ground_truth_ranks(scores_t2v, [[v] for v in txt2video]), "txt2video")
-    v2t = _rank_metrics(best_ground_truth_ranks(scores_v2t, video2txt), "video2txt")
+    t2v = _rank_metrics(best_ground_truth_ranks(scores_t2v, [[v] for v in txt2video], tie_rule), "txt2video")
+    v2t = _rank_metrics(best_ground_truth_ranks(scores_v2t, video2txt, tie_rule), "video2txt")
     return {**t2v, **v2t, "r_mean": (t2v["txt2video_r_mean"] + v2t["video2txt_r_mean"]) / 2}
 
 

@@ -63,11 +63,6 @@ def read_queryd(ann_root, split):
 
 def read_didemo(ann_root, split):
     lines = read_jsonl(Path(ann_root) / f"{split}.jsonl", "DiDeMo")
-    if split != "train":  # evaluation keeps the first paragraph of each clip
-        first_lines = {}
-        for line in lines:
-            first_lines.setdefault(line["clip_name"], line)
-        lines = list(first_lines.values())
     return [(line["clip_name"] + ".mp4", line["caption"]) for line in lines]
 
 

@@ -52,14 +52,15 @@ class ClipDataset(Dataset):
         self.image_size = config_value(config, "image_size", name)
         self.num_frm = config_value(config, "num_frm_train" if train else "num_frm_test", name)
         self.max_words = config.get("max_words", DEFAULT_MAX_WORDS)
+        strategy_key = "frm_sampling_strategy" if train else "frm_sampling_strategy_test"
+        self.strategy = config.get(strategy_key) or ("rand" if train else "uniform")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"{strategy_key} {self.strategy!r} is unknown; expected one of {STRATEGIES}")
         if train:
-            self.strategy = config.get("frm_sampling_strategy", "rand")
-            if self.strategy not in STRATEGIES:
-                raise ValueError(f"frm_sampling_strategy {self.strategy!r} is unknown; expected one of {STRATEGIES}")
             self.decode_size = max(config.get("video_resize", DEFAULT_VIDEO_RESIZE), self.image_size)
             self.transform = VideoTrainTransform(self.image_size)
         else:
-            self.strategy, self.decode_size = "uniform", self.image_size
+            self.decode_size = self.image_size
             self.transform = EvalTransform(self.image_size)
         self.substitute_black_on_error = substitute_black_on_error
         self.bad_inputs = BadInputLog()
@@ -126,14 +127,27 @@ class PretrainDataset(ClipDataset):
         return clip, pre_caption(caption, self.max_words)
 
 
+def first_line_per_video(pairs, dataset, split):
+    """Paragraph retrieval scores one text per video: keep each video's first annotation line
+    and say how many later lines were dropped (the original kept them all, and gave a
+    repeated clip's later lines the ground truth of whichever clip came just before)."""
+    kept = {}
+    for video, text in pairs:
+        kept.setdefault(video, text)
+    if len(kept) < len(pairs):
+        print(f"[data] {dataset} {split}: dropped {len(pairs) - len(kept)} of {len(pairs)} annotation lines "
+              "for videos already listed (rule: the first line of each video is its text)")
+    return list(kept.items())
+
+
 class RetrievalTrainDataset(ClipDataset):
     """Items (clip, caption, video index); the index numbers the split's distinct videos."""
 
-    def __init__(self, config, name, pairs, **options):
+    def __init__(self, config, name, pairs, clean_caption, **options):
         super().__init__(config, name, train=True, **options)
         pairs = drop_missing([(self.video_root / video, text) for video, text in pairs], lambda p: p[0], name)
         video_index = {}
-        self.items = [(video, pre_caption(text, self.max_words), video_index.setdefault(video, len(video_index)))
+        self.items = [(video, clean_caption(text, self.max_words), video_index.setdefault(video, len(video_index)))
                       for video, text in pairs]
 
     def __len__(self):
@@ -148,18 +162,14 @@ class RetrievalEvalDataset(ClipDataset):
     """Iterates over distinct videos -> (clip, video index); `.text`, `.video`,
     `.txt2video` and `.video2txt` hold the texts and the mappings for the metrics."""
 
-    def __init__(self, config, name, pairs, **options):
+    def __init__(self, config, name, pairs, clean_caption, split="test", **options):
         super().__init__(config, name, train=False, **options)
         pairs = drop_missing([(self.video_root / video, text) for video, text in pairs], lambda p: p[0], name)
-        video_index = {}
-        self.text, self.txt2video = [], []
-        for video, text in pairs:
-            self.text.append(pre_caption(text, self.max_words))
-            self.txt2video.append(video_index.setdefault(video, len(video_index)))
-        self.video = list(video_index)
-        self.video2txt = [[] for _ in self.video]
-        for text_id, video_id in enumerate(self.txt2video):
-            self.video2txt[video_id].append(text_id)
+        pairs = first_line_per_video(pairs, name, split)
+        self.video = [video for video, _ in pairs]
+        self.text = [clean_caption(text, self.max_words) for _, text in pairs]
+        self.txt2video = list(range(len(pairs)))
+        self.video2txt = [[index] for index in self.txt2video]
 
     def __len__(self):
         return len(self.video)
@@ -168,11 +178,12 @@ class RetrievalEvalDataset(ClipDataset):
         return self.load_video(self.video[index]), index
 
 
-def build_retrieval(config, name, split="train", reader=None, **options):
+def build_retrieval(config, name, split="train", reader=None, clean_caption=None, **options):
     config_value(config, "video_root", name)
     pairs = reader(config_value(config, "ann_root", name), split)
-    dataset_class = RetrievalTrainDataset if split == "train" else RetrievalEvalDataset
-    return dataset_class(config, name, pairs, **options)
+    if split == "train":
+        return RetrievalTrainDataset(config, name, pairs, clean_caption, **options)
+    return RetrievalEvalDataset(config, name, pairs, clean_caption, split, **options)
 
 
 class VideoQADataset(ClipDataset):
@@ -224,17 +235,29 @@ class VideoQADataset(ClipDataset):
         return clip, question, list(counts), [count / len(answers) for count in counts.values()]
 
 
-RETRIEVAL_READERS = {
-    "retrieval_queryd": read_queryd,
-    "retrieval_didemo": read_didemo,
-    "retrieval_activitynet": read_activitynet,
-    "retrieval_condensedmovies": read_condensedmovies,
+def raw_caption(text, max_words):
+    """DiDeMo's captions go to the tokenizer as they are, as in the original."""
+    return text
+
+
+def caption_of_50_words(text, max_words):
+    """ActivityNet Captions and Condensed Movies: the original caps them at 50 words, whatever max_words says."""
+    return pre_caption(text, 50)
+
+
+# Each format's reader and caption cleaning, as the original pairs them (train and evaluation alike).
+RETRIEVAL_FORMATS = {
+    "retrieval_queryd": (read_queryd, pre_caption),
+    "retrieval_didemo": (read_didemo, raw_caption),
+    "retrieval_activitynet": (read_activitynet, caption_of_50_words),
+    "retrieval_condensedmovies": (read_condensedmovies, caption_of_50_words),
 }
 DATASETS = {
     "pretrain": PretrainDataset,
     "pretrain_image": PretrainDataset,  # --sep_img: the image config's train_file, same reader
     "activitynet_qa": VideoQADataset,
-    **{name: partial(build_retrieval, reader=reader) for name, reader in RETRIEVAL_READERS.items()},
+    **{name: partial(build_retrieval, reader=reader, clean_caption=clean)
+       for name, (reader, clean) in RETRIEVAL_FORMATS.items()},
 }
 SPLITS = ("train", "val", "test")
 

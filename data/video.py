@@ -3,8 +3,8 @@
 Readers return the sampled frames as a uint8 tensor laid out (T, C, H, W), the layout the
 transforms and the batch interface use.
 """
-import math
 import random
+import sys
 
 import numpy as np
 import torch
@@ -15,7 +15,9 @@ except ImportError:  # no decord wheel on this platform: PyAV reads everything
     decord = None
 import av
 
-STRATEGIES = ("uniform", "nlvl_uniform", "nlvl_rand", "rand", "headtail")
+STRATEGIES = ("uniform", "uniform_spread", "nlvl_uniform", "nlvl_rand", "rand", "headtail")
+# A warning is due when 'uniform' leaves more than this share of a clip's tail unsampled.
+UNSAMPLED_TAIL_WARNING = 0.25
 
 # 0 lets the decoders pick their own thread count; DataLoader workers set it to 1 so that
 # num_workers processes do not each start a decoder thread per core.
@@ -35,14 +37,54 @@ def worker_init_fn(worker_id):
 
 
 def frame_range(vlen, start=None, end=None, fps=None):
-    """[first, last) frame range for optional start/end times (seconds); never empty."""
+    """[first, last) frame range for optional start/end times (seconds), truncated to whole
+    frames as the original does; never empty."""
     first, last = 0, vlen
     if fps:
         if start is not None:
             first = min(max(int(start * fps), 0), vlen - 1)
         if end is not None:
-            last = min(max(int(math.ceil(end * fps)), first + 1), vlen)
+            last = min(max(int(end * fps), first + 1), vlen)
     return first, last
+
+
+def original_uniform_indices(vlen, num_frm, first=0, last=None):
+    """The original's `uniform` rule, verbatim: numpy.arange(first, last, vlen / num_frm, dtype=int).
+
+    NumPy takes the count from the float step but fills the range from its first two values
+    cast to int, so the step is truncated to int(first + vlen / num_frm) - first: the tail
+    of the clip is never sampled (20 frames at 8 give 0, 2, ..., 14), a clip shorter than
+    num_frm gives its first frame num_frm times, and with a start/end range the count can
+    differ from num_frm. Released checkpoints were evaluated with exactly these indices.
+    """
+    return np.arange(first, vlen if last is None else last, vlen / num_frm, dtype=int).tolist()
+
+
+_uniform_warning_shown = False
+
+
+def _warn_if_degenerate(indices, vlen, num_frm, first, last):
+    """Say once per process when the original rule repeats frames or skips much of a clip."""
+    global _uniform_warning_shown
+    unsampled_tail = (last - 1 - indices[-1]) / (last - first)
+    repeats = len(set(indices)) < len(indices)
+    if _uniform_warning_shown or not (repeats or unsampled_tail > UNSAMPLED_TAIL_WARNING):
+        return
+    _uniform_warning_shown = True
+    problem = "repeats frames" if repeats else f"leaves the last {unsampled_tail:.0%} of a clip unsampled"
+    print(f"warning: 'uniform' frame sampling (the original's rule) {problem} ({num_frm} frames of "
+          f"{vlen}: indices {indices[0]}..{indices[-1]}); frm_sampling_strategy_test: uniform_spread "
+          "spreads them over the whole clip, but published numbers were measured with 'uniform'. "
+          "Shown once.", file=sys.stderr)
+
+
+def uniform_indices(vlen, num_frm, first, last):
+    """The original's indices, fitted to exactly num_frm (cut, or the last index repeated):
+    they differ in count only with a start/end range, and the model needs num_frm frames."""
+    indices = original_uniform_indices(vlen, num_frm, first, last)  # never empty: first < last
+    indices = indices[:num_frm] + indices[-1:] * (num_frm - len(indices))
+    _warn_if_degenerate(indices, vlen, num_frm, first, last)
+    return indices
 
 
 def _sorted_draw(first, last, count, rng):
@@ -64,9 +106,11 @@ def sample_frame_indices(vlen, num_frm, strategy="uniform", rng=None, start=None
         raise ValueError(f"unknown frm_sampling_strategy {strategy!r}; expected one of {STRATEGIES}")
     rng = rng or random
     first, last = frame_range(vlen, start, end, fps)
+    if strategy == "uniform":
+        return uniform_indices(vlen, num_frm, first, last)
     span = last - first
     stride = span / num_frm
-    if strategy in ("uniform", "nlvl_uniform"):
+    if strategy in ("uniform_spread", "nlvl_uniform"):  # evenly spread over the whole range
         return [first + int(i * stride) for i in range(num_frm)]
     if strategy == "nlvl_rand":
         return [min(first + int((i + rng.random()) * stride), last - 1) for i in range(num_frm)]

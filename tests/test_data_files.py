@@ -122,6 +122,25 @@ def test_retrieval_mappings(corpus, name):
     assert evaluation.video[0].stem == annotated[0]["video"][:-4]
 
 
+def test_each_format_cleans_captions_as_the_original():
+    from data.datasets import RETRIEVAL_FORMATS
+    text = 'A "Red" Ball (fast)! ' + " ".join(f"w{i}" for i in range(60))
+    cleaned = {name: clean(text, 5) for name, (_, clean) in RETRIEVAL_FORMATS.items()}
+    assert cleaned["retrieval_didemo"] == text  # untouched
+    assert cleaned["retrieval_queryd"] == "a red ball fast w0"  # max_words
+    assert cleaned["retrieval_activitynet"] == cleaned["retrieval_condensedmovies"] == pre_caption(text, 50)
+    assert len(cleaned["retrieval_activitynet"].split()) == 50
+
+
+def test_evaluation_keeps_each_videos_first_line_and_reports_the_rest(corpus, tmp_path, capsys):
+    lines = [{"clip_name": "v_toy00000", "caption": "First (A)!"}, {"clip_name": "v_toy00001", "caption": "b"},
+             {"clip_name": "v_toy00000", "caption": "second a"}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    dataset = create_dataset("retrieval_didemo", config_for(corpus, "retrieval_didemo", ann_root=str(tmp_path)), "test")
+    assert dataset.text == ["First (A)!", "b"] and dataset.txt2video == [0, 1] and dataset.video2txt == [[0], [1]]
+    assert "dropped 1 of 3 annotation lines for videos already listed" in capsys.readouterr().out
+
+
 def test_activitynet_test_split_reuses_val(corpus):
     config = config_for(corpus, "retrieval_activitynet")
     val, test = (create_dataset("retrieval_activitynet", config, s) for s in ("val", "test"))

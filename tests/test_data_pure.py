@@ -12,13 +12,46 @@ from data.loader import EvalShardSampler, create_sampler, shard_indices, vqa_col
 from data.text import pre_caption, pre_question
 from data.transforms import (AUGMENT_OPS, FILL, MEAN, STD, EvalTransform, ImageTrainTransform, VideoTrainTransform,
                              adjust_sharpness, shift, normalize)
-from data.video import STRATEGIES, sample_frame_indices
+from data import video
+from data.video import STRATEGIES, original_uniform_indices, sample_frame_indices
 
 
-def test_uniform_positions_and_nlvl_uniform_match():
-    assert sample_frame_indices(100, 4, "uniform") == [0, 25, 50, 75]
-    assert sample_frame_indices(10, 4, "uniform") == [0, 2, 5, 7]
-    assert sample_frame_indices(10, 4, "nlvl_uniform") == sample_frame_indices(10, 4, "uniform")
+def test_uniform_is_the_original_truncated_step():
+    # The original's numpy.arange(0, vlen, vlen / n, dtype=int) steps by floor(vlen / n).
+    assert sample_frame_indices(20, 8, "uniform") == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert sample_frame_indices(61, 8, "uniform") == [0, 7, 14, 21, 28, 35, 42, 49]
+    assert sample_frame_indices(150, 96, "uniform") == list(range(96))
+    assert sample_frame_indices(50, 96, "uniform") == [0] * 96
+    for num_frm in (8, 32, 96):
+        for vlen in range(num_frm, 400):
+            assert sample_frame_indices(vlen, num_frm, "uniform") == [i * (vlen // num_frm) for i in range(num_frm)]
+
+
+def test_uniform_with_a_range_keeps_the_whole_clip_step_and_fits_num_frm():
+    # first = int(1.0 * 10) = 10, last = int(2.9 * 10) = 29, step int(10 + 100 / 8) - 10 = 12.
+    assert original_uniform_indices(100, 8, 10, 29) == [10, 22]
+    assert sample_frame_indices(100, 8, "uniform", start=1.0, end=2.9, fps=10) == [10, 22] + [22] * 6
+    # A range longer than the whole-clip step allows gives more than num_frm: the first num_frm are kept.
+    assert original_uniform_indices(16, 2, 0, 16) == [0, 8]
+    assert len(original_uniform_indices(100, 8, 0, 100)) == 8
+
+
+def test_uniform_spread_covers_the_whole_clip():
+    assert sample_frame_indices(20, 8, "uniform_spread") == [0, 2, 5, 7, 10, 12, 15, 17]
+    assert sample_frame_indices(10, 4, "nlvl_uniform") == sample_frame_indices(10, 4, "uniform_spread")
+
+
+def test_uniform_warns_once_when_it_repeats_or_skips_a_clips_tail(monkeypatch, capsys):
+    monkeypatch.setattr(video, "_uniform_warning_shown", False)
+    sample_frame_indices(16, 8, "uniform")  # 0, 2, ..., 14: every part of the clip sampled
+    assert capsys.readouterr().err == ""
+    sample_frame_indices(150, 96, "uniform")  # frames 0..95: the last 36% never seen
+    assert "leaves the last 36% of a clip unsampled" in capsys.readouterr().err
+    sample_frame_indices(20, 96, "uniform")
+    assert capsys.readouterr().err == ""  # once per process
+    monkeypatch.setattr(video, "_uniform_warning_shown", False)
+    sample_frame_indices(20, 96, "uniform")
+    assert "repeats frames" in capsys.readouterr().err
 
 
 def test_nlvl_rand_stays_within_each_stride():

@@ -20,15 +20,30 @@ SCORES_V2T = np.array([
 ])
 
 
-def test_best_ground_truth_ranks_with_ties_and_several_texts():
-    assert utils.best_ground_truth_ranks(SCORES_T2V, [[v] for v in TXT2VIDEO]).tolist() == [1, 2, 3, 1]
-    assert utils.best_ground_truth_ranks(SCORES_V2T, VIDEO2TXT).tolist() == [2, 3, 1]
+def test_pessimistic_ranks_with_ties_and_several_texts():
+    def ranks(scores, truth):
+        return utils.best_ground_truth_ranks(scores, truth, "pessimistic").tolist()
+    assert ranks(SCORES_T2V, [[v] for v in TXT2VIDEO]) == [1, 2, 3, 1]
+    assert ranks(SCORES_V2T, VIDEO2TXT) == [2, 3, 1]
     # A tie between two ground truths is no penalty: only non-ground-truth candidates count.
-    assert utils.best_ground_truth_ranks([[0.4, 0.4, 0.1]], [[0, 1]]).tolist() == [1]
+    assert ranks([[0.4, 0.4, 0.1]], [[0, 1]]) == [1]
+
+
+def test_original_rule_ranks_a_later_tied_index_first():
+    # argsort(row)[::-1]: among equal scores the higher index comes first (the original's order).
+    assert utils.best_ground_truth_ranks(SCORES_T2V, [[v] for v in TXT2VIDEO], "original").tolist() == [1, 2, 3, 1]
+    assert utils.best_ground_truth_ranks([[0.5, 0.5, 0.1]], [[1]], "original").tolist() == [1]
+    # Video 0: text 2 (tied with its text 1) comes first; video 1: its text 2 is the last of three ties.
+    assert utils.best_ground_truth_ranks(SCORES_V2T, VIDEO2TXT, "original").tolist() == [2, 1, 1]
+    # The -100 fill outside the re-ranked top k: ground truth 0 sits behind the tied 1, 2 and 3.
+    assert utils.best_ground_truth_ranks([[-100.0, -100.0, -100.0, -100.0, 2.0]], [[0]]).tolist() == [5]
+    assert utils.best_ground_truth_ranks([[-100.0, -100.0, -100.0, -100.0, 2.0]], [[3]]).tolist() == [2]
+    with pytest.raises(ValueError, match="tie_rule"):
+        utils.best_ground_truth_ranks(SCORES_T2V, [[v] for v in TXT2VIDEO], "optimistic")
 
 
 def test_retrieval_metrics_hand_computed():
-    metrics = utils.retrieval_metrics(SCORES_T2V, SCORES_V2T, TXT2VIDEO, VIDEO2TXT)
+    metrics = utils.retrieval_metrics(SCORES_T2V, SCORES_V2T, TXT2VIDEO, VIDEO2TXT, "pessimistic")
     expected = {
         "txt2video_r1": 50.0, "txt2video_r5": 100.0, "txt2video_r10": 100.0,
         "txt2video_r_mean": 250.0 / 3, "txt2video_median_rank": 1.5, "txt2video_mean_rank": 1.75,
@@ -44,7 +59,7 @@ def test_retrieval_metrics_hand_computed():
 
 def test_recall_at_5_and_10_thresholds():
     scores = np.arange(12, 0, -1, dtype=float)[None].repeat(3, axis=0)  # candidate c has rank c+1
-    ranks = utils.best_ground_truth_ranks(scores, [[4], [6], [10]])
+    ranks = utils.best_ground_truth_ranks(scores, [[4], [6], [10]], "pessimistic")
     assert ranks.tolist() == [5, 7, 11]
     metrics = utils.retrieval_metrics(scores, scores, [4, 6, 10], [[4], [6], [10]])
     assert (metrics["txt2video_r1"], metrics["txt2video_r5"], metrics["txt2video_r10"]) == \
@@ -75,5 +90,5 @@ def test_merge_rank_results_deduplicates_and_sorts():
 def test_metrics_accept_torch_tensors_in_half_precision():
     import torch
     metrics = utils.retrieval_metrics(torch.tensor(SCORES_T2V, dtype=torch.bfloat16),
-                                      torch.tensor(SCORES_V2T), TXT2VIDEO, VIDEO2TXT)
+                                      torch.tensor(SCORES_V2T), TXT2VIDEO, VIDEO2TXT, "pessimistic")
     assert metrics["txt2video_mean_rank"] == 1.75 and metrics["video2txt_mean_rank"] == 2.0
