@@ -13,7 +13,6 @@ try:
     import decord
 except ImportError:  # no decord wheel on this platform: PyAV reads everything
     decord = None
-import av
 
 STRATEGIES = ("uniform", "uniform_spread", "nlvl_uniform", "nlvl_rand", "rand", "headtail")
 # A warning is due when 'uniform' leaves more than this share of a clip's tail unsampled.
@@ -130,6 +129,7 @@ def _decord_read(path, num_frm, strategy, size, rng, start, end):
 
 
 def _pyav_read(path, num_frm, strategy, size, rng, start, end):
+    import av  # the fallback reader: loaded only when a file needs it
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_count = _decode_threads
