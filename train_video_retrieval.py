@@ -88,14 +88,14 @@ def score_matrices(model, loader, dataset, run) -> tuple[torch.Tensor, torch.Ten
     text_feat = gather_in_rank_order(text_feats)
     video_tokens, video_feat = cache_video_tokens(model, loader, run, config.get("low_resource_eval", False))
 
-    sims = (video_feat @ text_feat.T).to(device)
+    sims = video_feat.to(device) @ text_feat.to(device).T  # one may sit on the CPU after a gather
     k, batch = config["k_test"], config.get("k_test_batch_size") or 128
     parts = []
     for matrix, video_rows in ((sims, True), (sims.T, False)):
         rows = torch.tensor(my_shard(matrix.shape[0], rows_per_itm_batch(k, batch)), dtype=torch.long)
         with run.precision.autocast():
             part = rerank_scores(model, matrix, k, video_tokens, input_ids, attention_mask, rows, video_rows, batch)
-        parts.append(gather_in_rank_order([part]))
+        parts.append(gather_in_rank_order([part]).cpu())  # saved, zipped and ranked on the CPU
     scores_v2t, scores_t2v = parts
     return scores_t2v, scores_v2t
 
