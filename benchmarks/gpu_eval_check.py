@@ -23,21 +23,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from tests.helpers import FIXTURES, fixture_config, load_exact  # noqa: E402
-
-E2E = FIXTURES / "e2e"
-METRIC_NAMES = {f"{old}_{m}": f"{new}_{m}" for old, new in (("txt", "video2txt"), ("vid", "txt2video"))
-                for m in ("r1", "r5", "r10", "r_mean")}
+from tests.helpers import (E2E, E2E_FORMATS, E2E_METRIC_NAMES, FIXTURES, e2e_evaluate_command,  # noqa: E402
+                           fixture_config, load_exact)
 
 
 def evaluate(fmt, precision, device, output_dir):
     """One --evaluate run of the script on a fixture format: (scores, result line, seconds)."""
-    paths = {"video_root": "videos", "ann_root": fmt, "pretrained": "../retrieval.pth",
-             "tokenizer": "../vocab.txt", "med_config": "../med_config_compact.json"}
-    overrides = [f"{key}={(E2E / value).resolve()}" for key, value in paths.items()]
-    command = [sys.executable, "train_video_retrieval.py", "--config", str(E2E / f"{fmt}.yaml"),
-               "--output_dir", str(output_dir), "--evaluate", "--device", device, "--num_workers", "0",
-               "--mixed_precision_method", precision, *overrides]
+    command = e2e_evaluate_command(fmt, output_dir, "--device", device, "--mixed_precision_method", precision)
     start = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     seconds = time.perf_counter() - start
@@ -55,7 +47,7 @@ def compare(fmt, scores, metrics):
            "same_ranking_v2t": bool(torch.equal(scores["video2txt"].argsort(dim=1, descending=True),
                                                 ref["scores_v2t"].argsort(dim=1, descending=True)))}
     if "r_mean" in metrics:  # Condensed Movies' test split writes a submission instead
-        row["metrics_equal"] = all(metrics[ours] == ref["metrics"][theirs] for theirs, ours in METRIC_NAMES.items())
+        row["metrics_equal"] = all(metrics[ours] == ref["metrics"][theirs] for theirs, ours in E2E_METRIC_NAMES.items())
     return row
 
 
@@ -81,7 +73,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precisions", default="none,apex,bf16")
-    parser.add_argument("--formats", default="didemo,activitynet,queryd,condensedmovies")
+    parser.add_argument("--formats", default=",".join(E2E_FORMATS))
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_eval_check.json"))
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),

@@ -1,4 +1,5 @@
-"""Small builders shared by the model tests."""
+"""Small builders shared by the tests and the GPU check scripts."""
+import sys
 from pathlib import Path
 
 import torch
@@ -6,6 +7,11 @@ from ruamel.yaml import YAML
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
+E2E = FIXTURES / "e2e"
+E2E_FORMATS = ["didemo", "activitynet", "queryd", "condensedmovies"]
+# The original's metric names -> this project's: txt_* rank texts for a video, vid_* videos for a text.
+E2E_METRIC_NAMES = {f"{old}_{m}": f"{new}_{m}" for old, new in (("txt", "video2txt"), ("vid", "txt2video"))
+                    for m in ("r1", "r5", "r10", "r_mean")} | {"r_mean": "r_mean"}
 
 
 def read_yaml(path) -> dict:
@@ -27,3 +33,17 @@ def load_exact(model, path: Path):
     state = torch.load(path, map_location="cpu", weights_only=True)["model"]
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def e2e_paths(fmt: str) -> dict:
+    """An end-to-end fixture yaml's relative paths, made absolute (they are relative to its folder)."""
+    config = read_yaml(E2E / f"{fmt}.yaml")
+    return {key: str((E2E / config[key]).resolve())
+            for key in ("video_root", "ann_root", "pretrained", "tokenizer", "med_config")}
+
+
+def e2e_evaluate_command(fmt: str, output_dir, *options) -> list[str]:
+    """train_video_retrieval.py --evaluate on an end-to-end fixture format (run from REPO_ROOT)."""
+    overrides = [f"{key}={value}" for key, value in e2e_paths(fmt).items()]
+    return [sys.executable, "train_video_retrieval.py", "--config", str(E2E / f"{fmt}.yaml"),
+            "--output_dir", str(output_dir), "--evaluate", "--num_workers", "0", *options, *overrides]

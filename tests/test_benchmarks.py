@@ -81,3 +81,11 @@ def test_data_benchmark_times_both_decoders_and_both_paths(tmp_path):
     assert {(row["backend"], row["mode"]) for row in rows} == {
         (backend, mode) for backend in ("decord", "pyav") for mode in ("train", "eval")}
     assert all(row["clips_per_s"] > 0 and 0 <= row["decode_share"] <= 1 for row in rows)
+
+
+def test_gpu_eval_check_runs_on_the_cpu(tmp_path):
+    payload = run_benchmark("gpu_eval_check.py", tmp_path, "--device", "cpu", "--precisions", "none",
+                            "--formats", "queryd", timed=False)
+    run, = payload["runs"]
+    assert run["metrics_equal"] and run["max_abs_diff_v2t"] < 1e-5
+    assert payload["generation"] == {"pretrain": {"ids_equal": True}, "vqa": {"ids_equal": True}}

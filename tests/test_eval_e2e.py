@@ -8,7 +8,6 @@ metric checks run the entry script itself with --evaluate.
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,31 +16,18 @@ import torch
 from data import create_dataset
 from data.video import sample_frame_indices
 from models.tokenizer import init_tokenizer
-from tests.helpers import FIXTURES, REPO_ROOT, read_yaml
-
-E2E = FIXTURES / "e2e"
-FORMATS = ["didemo", "activitynet", "queryd", "condensedmovies"]
-# The original's metric names -> this project's: txt_* rank texts for a video, vid_* videos for a text.
-METRIC_NAMES = {f"{old}_{m}": f"{new}_{m}" for old, new in (("txt", "video2txt"), ("vid", "txt2video"))
-                for m in ("r1", "r5", "r10", "r_mean")}
-METRIC_NAMES["r_mean"] = "r_mean"
+from tests.helpers import E2E, E2E_FORMATS as FORMATS, E2E_METRIC_NAMES, REPO_ROOT, e2e_evaluate_command, e2e_paths
+from tests.helpers import read_yaml
 
 
 def reference(fmt):
     return torch.load(E2E / f"{fmt}_ref.pt", map_location="cpu", weights_only=True)
 
 
-def fixture_paths(fmt):
-    """The e2e yaml's relative paths, made absolute (they are relative to tests/fixtures/e2e)."""
-    config = read_yaml(E2E / f"{fmt}.yaml")
-    return {key: str((E2E / config[key]).resolve())
-            for key in ("video_root", "ann_root", "pretrained", "tokenizer", "med_config")}
-
-
 @pytest.fixture(scope="module", params=FORMATS)
 def split(request):
     fmt = request.param
-    config = {**read_yaml(E2E / f"{fmt}.yaml"), **fixture_paths(fmt)}
+    config = {**read_yaml(E2E / f"{fmt}.yaml"), **e2e_paths(fmt)}
     return fmt, config, create_dataset(config["dataset"], config, "test"), reference(fmt)
 
 
@@ -77,11 +63,8 @@ def test_frame_indices_and_encoder_inputs_are_bit_identical(split):
 
 
 def evaluate_with_script(fmt, output_dir, *overrides):
-    paths = [f"{key}={value}" for key, value in fixture_paths(fmt).items()]
-    command = [sys.executable, "train_video_retrieval.py", "--config", str(E2E / f"{fmt}.yaml"),
-               "--output_dir", str(output_dir), "--evaluate", "--device", "cpu", "--num_workers", "0",
-               *paths, *overrides]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    result = subprocess.run(e2e_evaluate_command(fmt, output_dir, "--device", "cpu", *overrides), cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=600,
                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -102,5 +85,5 @@ def test_script_scores_and_metrics_equal_the_original(fmt, k_test, suffix, tmp_p
         return
     result = json.loads((tmp_path / "evaluate.txt").read_text().splitlines()[-1])
     assert result["tie_rule"] == "original" and result["frame_sampling"] == "uniform"
-    for original, ours in METRIC_NAMES.items():
+    for original, ours in E2E_METRIC_NAMES.items():
         assert result[ours] == ref["metrics" + suffix][original], ours
