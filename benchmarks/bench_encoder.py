@@ -6,7 +6,7 @@ FLOP/s as a fraction of a same-precision 2048^2 matmul measured in this run, and
 tokens in and out. With --profile it also measures the share of the forward spent in merge
 bookkeeping (sorting, top-k, gathers, scatters, indexing) with torch.profiler.
 
-Examples (CPU, the headline comparison of issue 5):
+Examples (CPU, the headline comparison of benchmarks/RESULTS.md):
   python benchmarks/bench_encoder.py --frames 32 --merging off,on --precision fp32,bf16 \
       --profile --out benchmarks/results/encoder_cpu_f32.json
 """
@@ -24,10 +24,10 @@ from models.timesformer import Attention, TimeSformer
 
 # The published schedules, one (frames, patches) pair per block in frame&patch mode:
 # f32 configs use [1,12]*12 and f96 configs [4,8]*12; 8 frames uses the f32 schedule (its
-# 61.8 GMACs in issue 5 is what [1,12]*12 gives at 8 frames).
+# reference 61.8 GMACs is what [1,12]*12 gives at 8 frames).
 PUBLISHED_SCHEDULES = {8: [1, 12] * 12, 32: [1, 12] * 12, 96: [4, 8] * 12}
 
-# Multiply-adds per clip measured with the original implementation (issue 5), base width,
+# Multiply-adds per clip measured with the original implementation, base width,
 # 224 px, patch 16: (frames, merging) -> GMACs.
 REFERENCE_GMACS = {(32, False): 786.8, (32, True): 419.8, (8, False): 196.1, (8, True): 61.8}
 
@@ -213,7 +213,7 @@ def add_ratios(rows):
 
 
 def target_checks(args, rows):
-    """Issue 5's targets that this sweep can decide; a target needing a missing row is skipped."""
+    """The targets that this sweep can decide; a target needing a missing row is skipped."""
     checks = []
     is_base = size_from_args(args) == BASE_WIDTH and args.testa_r is None
 
@@ -334,7 +334,7 @@ def main():
     if device.type == 'cpu':
         info['peak_rss_mib'] = common.peak_memory_mib(device)
     checks = target_checks(args, rows)
-    common.print_table(checks, ['target', 'value', 'goal', 'passed'], title='issue 5 targets')
+    common.print_table(checks, ['target', 'value', 'goal', 'passed'], title='targets')
     common.write_json(args.out, dict(machine=info, args=vars(args),
                                      schedules={str(frames): schedule_for(frames, args.testa_r)
                                                 for frames in common.parse_list(args.frames, int)},

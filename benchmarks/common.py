@@ -2,7 +2,7 @@
 peak memory, machine description, table printing and JSON output.
 
 FLOPs: torch.utils.flop_counter counts 2 FLOPs per multiply-add. The published TESTA figures
-(and issue 5) are quoted in multiply-adds, so `count_gmacs` halves the counter's total; the
+(and the targets) are quoted in multiply-adds, so `count_gmacs` halves the counter's total; the
 achieved rate is reported in real FLOP/s (2 per multiply-add) to compare with the matmul rate,
 which is also 2 * n**3 / time.
 """

@@ -1,4 +1,4 @@
-"""One-shot GPU check of issue 5: precision, SDPA backends, torch.compile, throughput, memory and
+"""One-shot GPU check: precision, SDPA backends, torch.compile, throughput, memory and
 training steps of the base video encoder at 32 frames, in one prepared run of under 4 minutes.
 
 Every section is guarded: a failure is recorded in the JSON and the next section still runs; the
@@ -9,7 +9,7 @@ torch.compile runs in a child process with a timeout, so a slow or hanging compi
   PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out_dir "$OUT"      # on the GPU machine
   python benchmarks/gpu_check.py --smoke --device cpu --out_dir /tmp/gpu_check_smoke   # CPU check
 
-Comparison target (issue 5): the best configuration >= 1.3x the clips/s of the eager fp16
+Comparison target: the best configuration >= 1.3x the clips/s of the eager fp16
 math-attention path (autocast fp16, sdpa_kernel(MATH)).
 """
 import argparse
@@ -34,7 +34,7 @@ BACKENDS = {'math': SDPBackend.MATH, 'efficient': SDPBackend.EFFICIENT_ATTENTION
 
 
 def baseline_for(device):
-    """Issue 5's reference path: eager autocast fp16 with math attention (bf16 where fp16 is not
+    """The reference path: eager autocast fp16 with math attention (bf16 where fp16 is not
     benchmarked, i.e. the CPU smoke run)."""
     return ('fp16' if device.type == 'cuda' else 'bf16', 'math')
 
@@ -266,7 +266,7 @@ def compile_worker(args, device, size):
                        **measure(forward, device, batch, args.runs, args.warmup))
             reference = forward_closure(encoder, video, device, precision)()
             row['max_abs_diff_vs_eager'] = (forward().float() - reference.float()).abs().max().item()
-            # The issue's reference path, timed in the same process for a same-machine ratio.
+            # The reference path, timed in the same process for a same-machine ratio.
             baseline = measure(forward_closure(encoder, video, device, 'fp16' if device.type == 'cuda' else 'bf16',
                                                'math'), device, batch, args.runs, args.warmup)
             row['eager_fp16_math_clips_per_s'] = baseline.get('clips_per_s')
@@ -315,7 +315,7 @@ def best_eager(report):
 
 
 def summarise(report, args, device):
-    """The issue's comparison: best configuration vs the eager fp16 math-attention path."""
+    """The target comparison: best configuration vs the eager fp16 math-attention path."""
     sections = report.data['sections']
     candidates = []
     for row in sections.get('sdpa_backends', {}).get('rows', []):

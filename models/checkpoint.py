@@ -1,6 +1,6 @@
 """Loading released TESTA / BLIP checkpoints into this project's models.
 
-The state-dict key names are the contract with users (see ../shared/checkpoints).
+The state-dict key names are the contract with users (docs/checkpoints.md).
 Loading is lenient only where the published workflow needs it:
 
 * image-BLIP checkpoints into a divided space-time encoder: the temporal attention

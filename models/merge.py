@@ -104,7 +104,7 @@ class RowPlan(NamedTuple):
 
     Tokens are whole contiguous feature rows, so moving them with ``index_select`` /
     ``index_add_`` on the flattened rows copies each row in one piece, where a ``gather``
-    over the expanded index reads an index per feature (benchmarks/RESULTS.md, section 5).
+    over the expanded index reads an index per feature (benchmarks/RESULTS.md, bench_encoder).
     """
 
     output_shape: Tuple[int, ...]  # leading (token) shape of the merged tensor
