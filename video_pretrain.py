@@ -4,16 +4,24 @@
 takes one batch of each. `pretrained:` in the config continues from a BLIP image
 checkpoint or a TESTA checkpoint. A checkpoint is written every epoch.
 """
-import utils
+from configs.keys import ConfigError, value
 from data import create_dataset, create_loader, create_sampler
 from models import build_pretrain_model
+from training.cli import build_arg_parser, setup_run
+from training.config import load_config
+from training.distributed import get_rank, get_world_size
+from training.errors import UserError, run_cli
+from training.fit import fit
+from training.logging import print_model_summary
+from training.optim import alpha_ramp
 
 # Keys the image config of --sep_img may set; the rest comes from the main config.
-IMAGE_CONFIG_KEYS = ("train_file", "batch_size", "num_frm_train", "image_size", "video_root", "max_words")
+IMAGE_CONFIG_KEYS = ("train_file", "batch_size", "num_frm_train", "image_size", "video_root", "max_words",
+                     "caption_max_words")
 
 
 def parse_args():
-    parser = utils.build_arg_parser(__doc__)
+    parser = build_arg_parser(__doc__)
     parser.add_argument("--sep_img", "--sep_image", dest="sep_img", action="store_true",
                         help="train on a separate image loader beside the video loader (needs --img_config)")
     parser.add_argument("--img_config", help="YAML config of the image data for --sep_img")
@@ -23,43 +31,45 @@ def parse_args():
     return args
 
 
+def image_data_config(config: dict, path: str) -> dict:
+    """The main config with the image loader's own keys from `path` on top."""
+    image_config = load_config(path)
+    unknown = sorted(set(image_config) - set(IMAGE_CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: keys {unknown} cannot be set for the image loader; "
+                          f"allowed: {list(IMAGE_CONFIG_KEYS)}")
+    return {**config, **image_config}
+
+
 def main():
     args = parse_args()
-    run = utils.setup_run(args)
+    run = setup_run(args)
     config = run.config
     if args.evaluate:
-        raise utils.UserError("video_pretrain.py has no evaluation; use the retrieval or QA script with --evaluate")
-    utils.require_keys(config, ["train_file", "batch_size", "queue_size", "max_epoch"], "pre-training")
-    datasets, batch_sizes = [create_dataset("pretrain", config)], [config["batch_size"]]
-    if args.sep_img:
-        image_config = utils.load_config(args.img_config)
-        unknown = sorted(set(image_config) - set(IMAGE_CONFIG_KEYS))
-        if unknown:
-            raise utils.ConfigError(f"{args.img_config}: keys {unknown} cannot be set for the image loader; "
-                                    f"allowed: {list(IMAGE_CONFIG_KEYS)}")
-        image_config = {**config, **image_config}
-        datasets.append(create_dataset("pretrain_image", image_config))
-        batch_sizes.append(image_config["batch_size"])
-    samplers = create_sampler(datasets, [True] * len(datasets), utils.get_world_size(), utils.get_rank(), run.seed)
-    loaders = create_loader(datasets, samplers, batch_sizes, [config.get("num_workers", 4)] * len(datasets),
+        raise UserError("video_pretrain.py has no evaluation; use the retrieval or QA script with --evaluate")
+    data_configs = [config] + ([image_data_config(config, args.img_config)] if args.sep_img else [])
+    datasets = [create_dataset(name, data_config) for name, data_config in zip(("pretrain", "pretrain_image"),
+                                                                               data_configs)]
+    batch_sizes = [value(data_config, "batch_size", "pre-training") for data_config in data_configs]
+    samplers = create_sampler(datasets, [True] * len(datasets), get_world_size(), get_rank(), run.seed)
+    loaders = create_loader(datasets, samplers, batch_sizes, [value(config, "num_workers")] * len(datasets),
                             [True] * len(datasets), [None] * len(datasets), pin_memory=run.device.type == "cuda")
-
     model = build_pretrain_model(config, config.get("pretrained") or None).to(run.device)
-    utils.print_model_summary(model, model.visual_encoder, config, args.flop_counter)
+    print_model_summary(model, model.visual_encoder, config, args.flop_counter)
+
+    alpha_max = value(config, "alpha")
 
     def compute_losses(model, batch, context):
-        alpha = utils.alpha_ramp(config["alpha"], context.epoch, context.step, context.steps_per_epoch,
-                                 ramp_epochs=2)
+        alpha = alpha_ramp(alpha_max, context.epoch, context.step, context.steps_per_epoch, ramp_epochs=2)
         if args.sep_img:
             (video, captions), (images, image_captions) = batch
-            return model(video.permute(0, 2, 1, 3, 4), captions, alpha,
-                         images.permute(0, 2, 1, 3, 4), image_captions)
+            return model(video, captions, alpha, images, image_captions)
         video, captions = batch
-        return model(video.permute(0, 2, 1, 3, 4), captions, alpha)
+        return model(video, captions, alpha)
 
-    utils.fit(run, model, tuple(loaders), compute_losses, "warmup_step_decay",
-              bad_input_datasets=datasets, checkpoint_every_epoch=True)
+    fit(run, model, tuple(loaders), compute_losses, "warmup_step_decay", bad_input_datasets=datasets,
+        checkpoint_every_epoch=True)
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    run_cli(main)

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
-import utils
-from models.timesformer import Attention, TimeSformer
+from utils import keep_freed_cpu_memory
+from models.timesformer import TimeSformer
+from models.timesformer_blocks import Attention
 
 # The published schedules, one (frames, patches) pair per block in frame&patch mode:
 # f32 configs use [1,12]*12 and f96 configs [4,8]*12; 8 frames uses the f32 schedule (its
@@ -281,7 +282,7 @@ def main():
                         help='torch CPU threads (default: torch\'s own choice). With 1 thread, process CPU '
                              'time is a load-independent measure: no thread waits at a barrier for a busy core')
     parser.add_argument('--allocator', choices=('keep', 'glibc-default'), default='keep',
-                        help="CPU: 'keep' = what the training scripts set up (utils.keep_freed_cpu_memory: "
+                        help="CPU: 'keep' = what the training scripts set up (keep_freed_cpu_memory: "
                              "malloc reuses freed memory, no page faults per forward); 'glibc-default' = leave "
                              "malloc as it is, to measure the difference")
     parser.add_argument('--compile', action='store_true',
@@ -317,7 +318,7 @@ def main():
 
     info = common.machine_info(device)
     if device.type == 'cpu':
-        info['allocator_keeps_freed_memory'] = args.allocator == 'keep' and utils.keep_freed_cpu_memory()
+        info['allocator_keeps_freed_memory'] = args.allocator == 'keep' and keep_freed_cpu_memory()
     print(info, flush=True)
     if args.flops_only:
         count_only(args, device, merging_values, precisions[0], info)

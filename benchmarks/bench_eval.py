@@ -3,7 +3,7 @@
   throughput   ITM re-ranking pairs/s against the batch size (model.itm_scores)
   rerank       batched re-ranking (models.testa_retrieval.rerank_scores) against the published
                loop (one query at a time, its top k_test in chunks of 16): time and score equality
-  full         the whole evaluation (train_video_retrieval.score_matrices) of N videos x N texts
+  full         the whole evaluation (evaluation.retrieval.score_matrices) of N videos x N texts
   low_resource peak memory of 96-frame evaluation with and without --low_resource_eval
   shared_kv    one video-to-text ITM pass at the base 96-frame shape with BERT-base: the video's
                cross-attention keys/values computed once (model.itm_scores) against once per pair
@@ -18,13 +18,13 @@ live, and encoding real 96-frame base videos on a CPU would take hours.
 """
 import contextlib
 import os
-import types
 
 import torch
 from torch import nn
 
 import common
-import utils
+from training.config import load_config
+from utils import keep_freed_cpu_memory
 from models import build_retrieval_model
 from models.testa_retrieval import rerank_scores
 
@@ -36,7 +36,7 @@ F96_BASE_TOKENS, BASE_WIDTH = 1 + 48 * 100, 768
 
 
 def build_model(args, extra=()):
-    config = utils.load_config(os.path.join(common.REPO_ROOT, args.config), list(args.override) + list(extra))
+    config = load_config(os.path.join(common.REPO_ROOT, args.config), list(args.override) + list(extra))
     torch.manual_seed(0)
     return build_retrieval_model(config).eval(), config
 
@@ -50,7 +50,7 @@ def fake_texts(count, seed):
 
 
 class VideoLoader:
-    """Batches (video (B, T, C, H, W), index) like the evaluation loaders, made on the fly."""
+    """Batches (video (B, C, T, H, W), index) like the evaluation loaders, made on the fly."""
 
     def __init__(self, count, batch, frames, size):
         self.count, self.batch, self.frames, self.size = count, batch, frames, size
@@ -63,13 +63,8 @@ class VideoLoader:
         for start in range(0, self.count, self.batch):
             stop = min(start + self.batch, self.count)
             generator = torch.Generator().manual_seed(start)
-            yield (torch.randn(stop - start, self.frames, 3, self.size, self.size, generator=generator),
+            yield (torch.randn(stop - start, 3, self.frames, self.size, self.size, generator=generator),
                    torch.arange(start, stop))
-
-
-def evaluation_run(device, config):
-    return types.SimpleNamespace(device=device, config=config,
-                                 precision=types.SimpleNamespace(autocast=contextlib.nullcontext))
 
 
 def encoded_pairs(model, config, count, device):
@@ -78,7 +73,7 @@ def encoded_pairs(model, config, count, device):
     tokens, feats = [], []
     with torch.no_grad():
         for video, _ in loader:
-            token, feat = model.encode_video(video.permute(0, 2, 1, 3, 4).to(device))
+            token, feat = model.encode_video(video.to(device))
             tokens.append(token)
             feats.append(feat)
         input_ids, attention_mask = model.tokenize(fake_texts(count, seed=1))
@@ -156,12 +151,12 @@ def section_rerank(args, device):
 
 
 def run_score_matrices(model, config, count, device, frames, size):
-    # Imported here: the script pulls in the data pipeline (PyAV), which the other sections,
-    # and GPU machines that have torch but not PyAV, do without.
-    from train_video_retrieval import score_matrices
-    dataset = types.SimpleNamespace(text=fake_texts(count, seed=1))
+    # Imported here: evaluation pulls in the data pipeline, which the other sections, and GPU
+    # machines without the video readers, do without.
+    from evaluation.retrieval import RetrievalSettings, score_matrices
     loader = VideoLoader(count, config.get('batch_size_test', 16), frames, size)
-    return score_matrices(model, loader, dataset, evaluation_run(device, config))
+    return score_matrices(model, loader, fake_texts(count, seed=1), device, contextlib.nullcontext,
+                          RetrievalSettings.from_config(config))
 
 
 def section_full(args, device):
@@ -285,7 +280,7 @@ def main():
         if 'low_resource' in sections:
             common.return_freed_memory_to_os()
         else:
-            utils.keep_freed_cpu_memory()
+            keep_freed_cpu_memory()
     info = common.machine_info(device)
     print(info, flush=True)
     runners = {'throughput': section_throughput, 'rerank': section_rerank, 'full': section_full,

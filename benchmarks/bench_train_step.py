@@ -14,7 +14,7 @@ import os
 import torch
 
 import common
-import utils
+from training.config import load_config
 from models import build_retrieval_model
 
 PRESETS = {
@@ -36,7 +36,7 @@ def build_config(preset, frames, checkpointing, overrides):
         settings.append('vit_ckpt_layer=12' if preset == 'base' else 'vit_ckpt_layer=4')
     if preset == 'base' and frames == 96:
         settings.append(f'testa_r={F96_SCHEDULE}')
-    return utils.load_config(os.path.join(common.REPO_ROOT, path), settings + list(overrides))
+    return load_config(os.path.join(common.REPO_ROOT, path), settings + list(overrides))
 
 
 def captions(batch, max_words):

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from configs.keys import ConfigError, value
+
 from .annotations import read_activitynet, read_condensedmovies, read_didemo, read_json, read_queryd
 from .bad_inputs import BadInputLog
 from .text import pre_caption, pre_question
@@ -18,14 +20,15 @@ from .transforms import EvalTransform, ImageTrainTransform, VideoTrainTransform
 from .video import STRATEGIES, VideoReadError, read_video
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".flv", ".mkv", ".webm")
-DEFAULT_VIDEO_RESIZE = 256
-DEFAULT_MAX_WORDS = 30
 
 
 def config_value(config, key, dataset):
-    if key not in config:
-        raise KeyError(f"config is missing '{key}', needed by dataset {dataset!r}")
-    return config[key]
+    return value(config, key, f"dataset {dataset!r}")
+
+
+def encoder_layout(clip: torch.Tensor) -> torch.Tensor:
+    """(T, C, H, W) frames as the video encoder takes a clip, (C, T, H, W); batches are then (B, C, T, H, W)."""
+    return clip.transpose(0, 1)
 
 
 def drop_missing(items, path_of, dataset):
@@ -51,13 +54,13 @@ class ClipDataset(Dataset):
         self.video_root = Path(config.get("video_root") or "")
         self.image_size = config_value(config, "image_size", name)
         self.num_frm = config_value(config, "num_frm_train" if train else "num_frm_test", name)
-        self.max_words = config.get("max_words", DEFAULT_MAX_WORDS)
+        self.max_words = value(config, "caption_max_words")
         strategy_key = "frm_sampling_strategy" if train else "frm_sampling_strategy_test"
-        self.strategy = config.get(strategy_key) or ("rand" if train else "uniform")
+        self.strategy = value(config, strategy_key)
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"{strategy_key} {self.strategy!r} is unknown; expected one of {STRATEGIES}")
+            raise ConfigError(f"{strategy_key} {self.strategy!r} is unknown; expected one of {STRATEGIES}")
         if train:
-            self.decode_size = max(config.get("video_resize", DEFAULT_VIDEO_RESIZE), self.image_size)
+            self.decode_size = max(value(config, "video_resize"), self.image_size)
             self.transform = VideoTrainTransform(self.image_size)
         else:
             self.decode_size = self.image_size
@@ -75,7 +78,7 @@ class ClipDataset(Dataset):
             if self.train:
                 raise  # __getitem__ replaces the item
             clip = torch.zeros(self.num_frm, 3, self.image_size, self.image_size, dtype=torch.uint8)
-        return self.transform(clip)
+        return encoder_layout(self.transform(clip))
 
     def item(self, index):
         raise NotImplementedError
@@ -118,7 +121,7 @@ class PretrainDataset(ClipDataset):
         except Exception as err:
             self.bad_inputs.record(path, err)
             raise VideoReadError(path, err) from err
-        return self.image_transform(image)
+        return encoder_layout(self.image_transform(image))
 
     def item(self, index):
         path, caption = self.items[index]
@@ -217,7 +220,7 @@ class VideoQADataset(ClipDataset):
         return None
 
     def read_answer_list(self, config, ann_root, split, answer_rows):
-        if config.get("answer_list"):
+        if value(config, "answer_list"):
             return read_json(config["answer_list"], f"{self.name} answer_list")
         if split != "train":
             answer_rows = read_json(ann_root / "train_a.json", f"{self.name} answers (for the answer list)")
@@ -266,7 +269,7 @@ def create_dataset(name, config, split="train", **options):
     """Build dataset `name` for `split` ('train', 'val' or 'test'); options:
     substitute_black_on_error (evaluation), max_tries (training)."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     return DATASETS[name](config, name, split, **options)

@@ -4,6 +4,8 @@ import math
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from configs.keys import value
+
 from .video import worker_init_fn
 
 
@@ -73,8 +75,8 @@ def create_split_loaders(name, config, splits, num_tasks, global_rank, seed=0, t
 
     datasets = [create_dataset(name, config, split) for split in splits]
     is_train = [split == "train" for split in splits]
-    batch_sizes = [config["batch_size_train"] if train else config["batch_size_test"] for train in is_train]
+    batch_sizes = [value(config, "batch_size_train" if train else "batch_size_test", name) for train in is_train]
     samplers = create_sampler(datasets, is_train, num_tasks, global_rank, seed, batch_sizes)
-    loaders = create_loader(datasets, samplers, batch_sizes, [config.get("num_workers", 4)] * len(splits), is_train,
+    loaders = create_loader(datasets, samplers, batch_sizes, [value(config, "num_workers")] * len(splits), is_train,
                             [train_collate_fn if train else None for train in is_train], pin_memory)
     return dict(zip(splits, datasets)), dict(zip(splits, loaders))

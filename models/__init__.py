@@ -1,8 +1,10 @@
-"""Model builders: each takes the YAML config dict and an optional checkpoint path."""
+"""Model builders: each takes a config dict (keys and defaults: configs/keys.py) and an optional
+checkpoint path."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from configs.keys import value
 from models.blip_pretrain import VideoPretrainModel
 from models.checkpoint import load_checkpoint
 from models.med import BertConfig, BertLMHeadModel, BertModel
@@ -15,7 +17,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _text_config(config: dict, default_file: str, vision_width: int, vocab_size: int) -> BertConfig:
-    path = config.get("med_config") or str(CONFIG_DIR / default_file)
+    path = value(config, "med_config") or str(CONFIG_DIR / default_file)
     if not Path(path).is_file():
         raise FileNotFoundError(f"BERT config not found: {path} (config key 'med_config')")
     text_config = BertConfig.from_json_file(path)
@@ -33,7 +35,7 @@ def _load(model, checkpoint: str | None):
 
 def _components(config: dict, bert_file: str, with_decoder: bool):
     """Tokenizer, video encoder, text encoder and (optionally) the text decoder of a config."""
-    tokenizer = init_tokenizer(config.get("tokenizer"))
+    tokenizer = init_tokenizer(value(config, "tokenizer"))
     visual_encoder = build_video_encoder(config)
 
     def text_config():
@@ -46,10 +48,11 @@ def _components(config: dict, bert_file: str, with_decoder: bool):
 
 def build_retrieval_model(config: dict, checkpoint: str | None = None) -> VideoRetrievalModel:
     tokenizer, visual_encoder, text_encoder, _ = _components(config, "med_config.json", with_decoder=False)
-    model = VideoRetrievalModel(visual_encoder, text_encoder, tokenizer, embed_dim=config.get("embed_dim", 256),
-                                queue_size=config["queue_size"], momentum=config.get("momentum", 0.995),
-                                negative_all_rank=config.get("negative_all_rank", False),
-                                max_words=config.get("max_words", 35))
+    model = VideoRetrievalModel(visual_encoder, text_encoder, tokenizer, embed_dim=value(config, "embed_dim"),
+                                queue_size=value(config, "queue_size", "the retrieval model"),
+                                momentum=value(config, "momentum"),
+                                negative_all_rank=value(config, "negative_all_rank"),
+                                max_words=value(config, "text_max_tokens"))
     return _load(model, checkpoint)
 
 
@@ -61,6 +64,7 @@ def build_qa_model(config: dict, checkpoint: str | None = None) -> VideoQAModel:
 def build_pretrain_model(config: dict, checkpoint: str | None = None) -> VideoPretrainModel:
     tokenizer, visual_encoder, text_encoder, text_decoder = _components(config, "bert_config.json", with_decoder=True)
     model = VideoPretrainModel(visual_encoder, text_encoder, text_decoder, tokenizer,
-                               embed_dim=config.get("embed_dim", 256), queue_size=config["queue_size"],
-                               momentum=config.get("momentum", 0.995))
+                               embed_dim=value(config, "embed_dim"),
+                               queue_size=value(config, "queue_size", "the pre-training model"),
+                               momentum=value(config, "momentum"))
     return _load(model, checkpoint)

@@ -18,18 +18,30 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from models.timesformer import resize_pos_embed, resize_time_embed
-from utils import UserError, read_checkpoint
+from models.embedding_resize import resize_pos_embed, resize_time_embed
 
 VISUAL_PREFIXES = ("visual_encoder.", "visual_encoder_m.")
 
 
-class CheckpointError(UserError):
-    """A checkpoint that cannot be loaded into the requested model."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or cannot be loaded into the requested model."""
+
+
+def read_checkpoint(path) -> dict:
+    """Read a checkpoint file on the CPU with weights_only=True (a file from the internet
+    cannot run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
 
 
 @dataclass

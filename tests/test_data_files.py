@@ -44,8 +44,9 @@ def splits_of(name):
 
 
 def normalised_range_ok(clip):
-    low = torch.tensor([-m / s for m, s in zip(MEAN, STD)]).view(1, 3, 1, 1)
-    high = torch.tensor([(1 - m) / s for m, s in zip(MEAN, STD)]).view(1, 3, 1, 1)
+    """Every value of a (C, T, H, W) clip within the normalised range of its channel."""
+    low = torch.tensor([-m / s for m, s in zip(MEAN, STD)]).view(3, 1, 1, 1)
+    high = torch.tensor([(1 - m) / s for m, s in zip(MEAN, STD)]).view(3, 1, 1, 1)
     return bool(((clip >= low - 1e-5) & (clip <= high + 1e-5)).all())
 
 
@@ -97,11 +98,11 @@ def test_every_dataset_yields_normalised_clips(corpus, name, split):
     assert len(dataset) > 0
     item = dataset[0]
     num_frm = 4
-    assert item[0].shape == (num_frm, 3, IMG, IMG) and item[0].dtype == torch.float32
+    assert item[0].shape == (3, num_frm, IMG, IMG) and item[0].dtype == torch.float32  # the encoder's layout
     assert normalised_range_ok(item[0])
     if split != "train":  # evaluation: deterministic uniform frames at image_size, spec normalisation
         path = dataset.video[0] if hasattr(dataset, "video") else dataset.items[0][0]
-        assert torch.allclose(item[0], normalize(read_video(path, num_frm, "uniform", IMG)))
+        assert torch.allclose(item[0], normalize(read_video(path, num_frm, "uniform", IMG)).transpose(0, 1))
 
 
 @pytest.mark.parametrize("name", sorted(n for n in DATASETS if n.startswith("retrieval")))
@@ -164,7 +165,7 @@ def test_qa_answers_weights_ids_and_answer_list(corpus, tmp_path):
     webm_root.mkdir()
     (webm_root / video.with_suffix(".webm").name).symlink_to(video)
     webm = create_dataset("activitynet_qa", dict(config, video_root=str(webm_root)), "test")
-    assert webm.items[0][0].suffix == ".webm" and webm[0][0].shape == (4, 3, IMG, IMG)
+    assert webm.items[0][0].suffix == ".webm" and webm[0][0].shape == (3, 4, IMG, IMG)
     (tmp_path / "answers.json").write_text(json.dumps(["red", "blue"]))
     assert create_dataset("activitynet_qa", dict(config, answer_list=str(tmp_path / "answers.json")),
                           "val").answer_list == ["red", "blue"]
@@ -175,10 +176,10 @@ def test_pretrain_mixes_videos_and_images(corpus):
     kinds = [path.suffix for path, _ in dataset.items]
     assert {".mp4", ".png", ".jpg"} <= set(kinds)
     image_clip, caption = dataset[kinds.index(".png")]
-    assert image_clip.shape == (3, 3, IMG, IMG) and torch.equal(image_clip[0], image_clip[2])
+    assert image_clip.shape == (3, 3, IMG, IMG) and torch.equal(image_clip[:, 0], image_clip[:, 2])
     assert caption.count(" ") == 2  # "a <colour> <shape>"
     images = create_dataset("pretrain_image", config_for(corpus, "pretrain_image", num_frm_train=2))
-    assert len(images) == 2 and images[0][0].shape == (2, 3, IMG, IMG)
+    assert len(images) == 2 and images[0][0].shape == (3, 2, IMG, IMG)
 
 
 def test_published_pretrain_config_runs_without_video_root(corpus, tmp_path, monkeypatch):
@@ -193,7 +194,7 @@ def test_published_pretrain_config_runs_without_video_root(corpus, tmp_path, mon
     assert "video_root" not in config
     config.update(train_file=[str(absolute)], image_size=IMG, video_resize=SIZE, num_frm_train=2)
     dataset = create_dataset("pretrain", config)
-    assert len(dataset) == len(entries) and dataset[0][0].shape == (2, 3, IMG, IMG)
+    assert len(dataset) == len(entries) and dataset[0][0].shape == (3, 2, IMG, IMG)
     relative = dict(config, train_file=corpus["config"]["train_file"])
     assert len(create_dataset("pretrain", dict(relative, video_root=str(root)))) == len(entries)
     monkeypatch.chdir(root)
@@ -270,7 +271,7 @@ def test_evaluation_fails_with_the_path_or_substitutes_black(corpus, damaged):
         strict[0]
     lenient = create_dataset("retrieval_didemo", config, "val", substitute_black_on_error=True)
     clip, index = lenient[0]
-    assert index == 0 and torch.allclose(clip, normalize(torch.zeros(4, 3, IMG, IMG, dtype=torch.uint8)))
+    assert index == 0 and torch.allclose(clip, normalize(torch.zeros(4, 3, IMG, IMG, dtype=torch.uint8)).transpose(0, 1))
     assert lenient.bad_inputs.count() == 1 and strict.bad_inputs.count() == 0
 
 
@@ -278,7 +279,7 @@ def test_qa_loader_with_collate(corpus):
     dataset = create_dataset("activitynet_qa", config_for(corpus, "activitynet_qa"))
     [loader] = create_loader([dataset], [None], [3], [0], [True], [vqa_collate_fn], pin_memory=False)
     videos, questions, answers, weights, counts = next(iter(loader))
-    assert videos.shape == (3, 4, 3, IMG, IMG) and len(questions) == 3 and len(answers) == sum(counts) == 3
+    assert videos.shape == (3, 3, 4, IMG, IMG) and len(questions) == 3 and len(answers) == sum(counts) == 3
     assert weights.tolist() == [1.0, 1.0, 1.0]
 
 

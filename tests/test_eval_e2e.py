@@ -57,8 +57,9 @@ def test_frame_indices_and_encoder_inputs_are_bit_identical(split):
         indices = sample_frame_indices(vlen, config["num_frm_test"], dataset.strategy)
         assert indices == ref["frame_indices"][index].tolist(), name
         clip, video_index = dataset[index]
-        assert video_index == index and clip.shape == (8, 3, 64, 64) and clip.dtype == torch.float32
-        digest = hashlib.sha256(clip.contiguous().numpy().tobytes()).hexdigest()
+        assert video_index == index and clip.shape == (3, 8, 64, 64) and clip.dtype == torch.float32
+        # The reference hashed the (T, C, H, W) tensor; the loaders hand the encoder (C, T, H, W).
+        digest = hashlib.sha256(clip.transpose(0, 1).contiguous().numpy().tobytes()).hexdigest()
         assert digest == ref["video_input_sha256"][index], f"{fmt}: {name}"
 
 

@@ -4,25 +4,9 @@ The references (tests/fixtures) were produced by the original TESTA/BLIP code, w
 transformers' beam search. The weights are random, so the texts are random walks through the vocabulary;
 what matters is that every id, the padding and the decoded strings agree exactly.
 """
-import pytest
 import torch
 
-from models import build_pretrain_model, build_qa_model
-from models.med import BeamHypotheses, nucleus_filter
-from tests.conftest import load_reference
-from tests.helpers import fixture_config, load_exact
-
-
-@pytest.fixture(scope="module")
-def qa(fixtures_dir):
-    model = load_exact(build_qa_model(fixture_config("vqa")), fixtures_dir / "vqa.pth")
-    return model, load_reference(fixtures_dir / "vqa_ref.pt")
-
-
-@pytest.fixture(scope="module")
-def pretrain(fixtures_dir):
-    model = load_exact(build_pretrain_model(fixture_config("pretrain")), fixtures_dir / "pretrain.pth")
-    return model, load_reference(fixtures_dir / "pretrain_ref.pt")
+from models.decoding import BeamHypotheses, nucleus_filter
 
 
 @torch.no_grad()

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import load_reference
-from models.med import (BertConfig, BertLMHeadModel, BertModel, beam_search, nucleus_filter, sample_or_greedy,
-                        tie_encoder_decoder_weights)
+from models.decoding import beam_search, nucleus_filter, sample_or_greedy
+from models.med import BertConfig, BertLMHeadModel, BertModel, tie_encoder_decoder_weights
 
 TOL = dict(atol=1e-5, rtol=0)
 KEYS_DIR = Path(__file__).resolve().parent / "fixtures" / "checkpoint_keys"

@@ -5,8 +5,9 @@ import pytest
 import torch
 from ruamel.yaml import YAML
 
-from models.timesformer import (DividedSpaceTimeBlock, TimeSformer, build_video_encoder, drop_path, drop_path_mask,
-                                merge_schedule, resize_pos_embed, resize_time_embed)
+from models.embedding_resize import resize_pos_embed, resize_time_embed
+from models.timesformer import TimeSformer, build_video_encoder, merge_schedule
+from models.timesformer_blocks import DividedSpaceTimeBlock, drop_path, drop_path_mask
 
 PREFIX = "visual_encoder."
 TINY = dict(img_size=64, embed_dim=32, num_heads=2, num_frames=8)

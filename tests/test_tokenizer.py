@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import load_reference
-from models.tokenizer import DEFAULT_VOCAB, BertTokenizer, basic_tokenize, init_tokenizer, wordpiece
+from models.tokenizer import DEFAULT_VOCAB, basic_tokenize, init_tokenizer, wordpiece
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,14 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-import utils
+from evaluation.qa import merge_rank_results
+from models.distributed import all_gather_with_grad, concat_all_gather
+from training.checkpoints import Checkpointer
+from training.distributed import gather_objects, get_rank, get_world_size, init_distributed, is_main_process, seed_for_rank, wrap_distributed
+from training.loop import LoopOptions, train_one_epoch
+from training.precision import make_precision
+from training.progress import MetricLogger
+from utils import seed_everything
 
 
 def _free_port() -> int:
@@ -27,13 +34,13 @@ def _train_ddp_with_accumulation(rank):
     loader = DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, shuffle=False))
     torch.manual_seed(0)
     reference = torch.nn.Linear(6, 1)
-    model = utils.wrap_distributed(copy.deepcopy(reference), torch.device("cpu"))
+    model = wrap_distributed(copy.deepcopy(reference), torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def mse(module, inputs, targets):
         return ((module(inputs).squeeze(-1) - targets) ** 2).mean()
-    utils.train_one_epoch(model, loader, optimizer, 0, lambda m, b, c: {"loss": mse(m, *b)},
-                          utils.make_precision("none", "cpu"), utils.LoopOptions(accumulation_steps=2))
+    train_one_epoch(model, loader, optimizer, 0, lambda m, b, c: {"loss": mse(m, *b)},
+                          make_precision("none", "cpu"), LoopOptions(accumulation_steps=2))
     for step in range(2):
         reference.zero_grad()
         mse(reference, x[8 * step:8 * step + 8], y[8 * step:8 * step + 8]).backward()
@@ -48,36 +55,36 @@ def _train_ddp_with_accumulation(rank):
 def _worker(rank, port, output_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device = utils.init_distributed("cpu")
+    device = init_distributed("cpu")
     try:
-        assert device == torch.device("cpu") and utils.get_world_size() == 2
-        assert utils.get_rank() == rank and utils.is_main_process() == (rank == 0)
+        assert device == torch.device("cpu") and get_world_size() == 2
+        assert get_rank() == rank and is_main_process() == (rank == 0)
 
-        gathered = utils.concat_all_gather(torch.full((1, 2), float(rank)))
+        gathered = concat_all_gather(torch.full((1, 2), float(rank)))
         assert gathered.tolist() == [[0.0, 0.0], [1.0, 1.0]]
 
         # Each rank's loss weighs both gathered slices; a slice's gradient sums over ranks.
         x = torch.tensor([rank + 1.0], requires_grad=True)
-        everyone = utils.all_gather_with_grad(x * 1.0)
+        everyone = all_gather_with_grad(x * 1.0)
         assert everyone.tolist() == [1.0, 2.0]
         (everyone * torch.tensor([10.0, 100.0]) * (rank + 1)).sum().backward()
         assert x.grad.item() == [30.0, 300.0][rank]
 
-        assert utils.gather_objects({"rank": rank}) == [{"rank": 0}, {"rank": 1}]
-        merged = utils.merge_rank_results([[{"question_id": 1}, {"question_id": 3}],
+        assert gather_objects({"rank": rank}) == [{"rank": 0}, {"rank": 1}]
+        merged = merge_rank_results([[{"question_id": 1}, {"question_id": 3}],
                                            [{"question_id": 2}, {"question_id": 1}]][rank])
         assert [item["question_id"] for item in merged] == [1, 2, 3]
 
-        logger = utils.MetricLogger()
+        logger = MetricLogger()
         logger.update(loss=1.0 + 2 * rank)
         logger.synchronize_between_processes()
         assert logger.global_averages() == {"loss": 2.0}
 
         # Each rank saves and gets back its own RNG state.
         model, optimizer = _train_ddp_with_accumulation(rank)
-        checkpointer = utils.Checkpointer(output_dir, model, optimizer,
-                                          utils.make_precision("none", "cpu"), {})
-        utils.seed_everything(utils.seed_for_rank(0))
+        checkpointer = Checkpointer(output_dir, model, optimizer,
+                                          make_precision("none", "cpu"), {})
+        seed_everything(seed_for_rank(0))
         checkpointer.save("checkpoint_last.pth", 0, epoch_complete=True)
         expected = torch.rand(4)
         checkpointer.resume()
@@ -95,5 +102,5 @@ def test_gather_helpers_and_rng_checkpoint_with_two_processes(tmp_path):
 
 def test_single_process_fallbacks():
     x = torch.ones(2, 3, requires_grad=True)
-    assert utils.all_gather_with_grad(x) is x and utils.concat_all_gather(x) is x
-    assert utils.gather_objects(5) == [5]
+    assert all_gather_with_grad(x) is x and concat_all_gather(x) is x
+    assert gather_objects(5) == [5]

@@ -1,7 +1,10 @@
 """Config loading, overrides, the argument parser and the one-line CLI error wrapper."""
 import pytest
 
-import utils
+from configs.keys import ConfigError
+from training.cli import build_arg_parser, setup_run
+from training.config import load_config, save_config
+from training.errors import UserError, run_cli
 
 
 def write(tmp_path, text, name="config.yaml"):
@@ -12,23 +15,49 @@ def write(tmp_path, text, name="config.yaml"):
 
 def test_load_config_parses_yaml_and_applies_overrides(tmp_path):
     path = write(tmp_path, "init_lr: 1e-5\ntesta_r: [4, 8]\nmerging_type: frame&patch\nk_test: 128\n")
-    config = utils.load_config(path, ["init_lr=5e-6", "testa_r=[1,12]", "token_merging=True",
+    config = load_config(path, ["init_lr=5e-6", "testa_r=[1,12]", "token_merging=True",
                                       "video_root=/data/videos"])
     assert config == {"init_lr": 5e-6, "testa_r": [1, 12], "merging_type": "frame&patch",
                       "k_test": 128, "token_merging": True, "video_root": "/data/videos"}
 
 
-def test_nested_override_needs_an_existing_mapping(tmp_path):
-    path = write(tmp_path, "dataset: {name: msrvtt, split: val}\n")
-    assert utils.load_config(path, ["dataset.split=test"])["dataset"] == {"name": "msrvtt", "split": "test"}
-    with pytest.raises(utils.ConfigError, match="'k_test' is not a mapping"):
-        utils.load_config(write(tmp_path, "k_test: 4\n"), ["k_test.x=1"])
+@pytest.mark.parametrize("text, overrides, expected", [
+    ("image_size: 224px\n", [], "'image_size' in .* must be int, got '224px'"),
+    ("k_test: 4\n", ["k_test=[1, 2]"], "'k_test' in the overrides must be int"),
+    ("token_merging: 1\n", [], "'token_merging' .* must be bool"),
+    ("dataset: {name: msrvtt}\n", [], "'dataset' .* must be str")])
+def test_values_of_the_wrong_type_are_errors_naming_the_key(tmp_path, text, overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, text), overrides)
+
+
+def test_every_published_config_key_is_described_with_its_type():
+    from tests.helpers import REPO_ROOT
+    for path in sorted((REPO_ROOT / "configs").rglob("*.yaml")):
+        load_config(path)  # raises on an unknown key or a value of the wrong type
+
+
+def test_defaults_come_from_the_key_description():
+    from configs.keys import CONFIG_KEYS, value
+    assert value({}, "embed_dim") == CONFIG_KEYS["embed_dim"].default == 256
+    with pytest.raises(ConfigError, match="config is missing 'k_test'.*needed by retrieval"):
+        value({}, "k_test", "retrieval")
+    # The published `max_words` sets both of its clearer aliases unless they are given.
+    assert value({"max_words": 64}, "caption_max_words") == value({"max_words": 64}, "text_max_tokens") == 64
+    assert (value({}, "caption_max_words"), value({}, "text_max_tokens")) == (30, 35)
+    assert value({"max_words": 64, "text_max_tokens": 40}, "text_max_tokens") == 40
+
+
+def test_readme_key_table_is_the_one_derived_from_the_description():
+    from configs.keys import markdown_table
+    from tests.helpers import REPO_ROOT
+    assert markdown_table() in (REPO_ROOT / "README.md").read_text()
 
 
 @pytest.mark.parametrize("text, where", [("init_lrr: 1e-5\n", []), ("init_lr: 1e-5\n", ["int_lr=1"])])
 def test_unknown_key_is_an_error_naming_close_matches(tmp_path, text, where):
-    with pytest.raises(utils.ConfigError) as error:
-        utils.load_config(write(tmp_path, text), where)
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text), where)
     message = str(error.value)
     assert "unknown config key" in message and "did you mean 'init_lr'" in message
     assert "\n" not in message
@@ -37,24 +66,24 @@ def test_unknown_key_is_an_error_naming_close_matches(tmp_path, text, where):
 @pytest.mark.parametrize("text, expected", [
     ("a: [1,\n", "not valid YAML"), ("- 1\n- 2\n", "must be a mapping")])
 def test_malformed_config_files_are_config_errors(tmp_path, text, expected):
-    with pytest.raises(utils.ConfigError, match=expected):
-        utils.load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, text))
 
 
 def test_missing_config_file_and_bad_override_syntax(tmp_path):
-    with pytest.raises(utils.ConfigError, match="config file not found"):
-        utils.load_config(tmp_path / "absent.yaml")
-    with pytest.raises(utils.ConfigError, match="key=value"):
-        utils.load_config(write(tmp_path, "k_test: 4\n"), ["k_test"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(write(tmp_path, "k_test: 4\n"), ["k_test"])
 
 
 def test_save_config_round_trips(tmp_path):
     config = {"init_lr": 1e-5, "testa_r": [1, 12], "merging_type": "frame&patch"}
-    assert utils.load_config(utils.save_config(config, tmp_path)) == config
+    assert load_config(save_config(config, tmp_path)) == config
 
 
 def parser():
-    parser = utils.build_arg_parser("test")
+    parser = build_arg_parser("test")
     parser.add_argument("--sep_img", "--sep_image", action="store_true", help="separate image loader")
     return parser
 
@@ -86,21 +115,21 @@ def test_setup_run_resolves_flags_into_config(tmp_path):
     args = parser().parse_args(["--config", str(config_path), "--output_dir", str(tmp_path / "out"),
                                 "--device", "cpu", "--num_workers", "0", "--low_resource_eval",
                                 "--mixed_precision_method", "apex", "k_test=8"])
-    run = utils.setup_run(args)
+    run = setup_run(args)
     assert run.seed == 7 and run.precision.dtype is not None
     assert run.config == {"seed": 7, "num_workers": 0, "k_test": 8, "low_resource_eval": True}
-    assert utils.load_config(tmp_path / "out" / "config.yaml") == run.config
+    assert load_config(tmp_path / "out" / "config.yaml") == run.config
 
 
 @pytest.mark.parametrize("error, expected", [
-    (utils.ConfigError("unknown config key 'x'"), "error: unknown config key 'x'\n"),
+    (ConfigError("unknown config key 'x'"), "error: unknown config key 'x'\n"),
     (FileNotFoundError(2, "No such file or directory", "/no/ann"), "error: file not found: /no/ann\n"),
-    (utils.UserError("checkpoint not found: a.pth"), "error: checkpoint not found: a.pth\n")])
+    (UserError("checkpoint not found: a.pth"), "error: checkpoint not found: a.pth\n")])
 def test_run_cli_prints_one_line_and_exits_nonzero(error, expected, capsys):
     def main():
         raise error
     with pytest.raises(SystemExit) as exit_info:
-        utils.run_cli(main)
+        run_cli(main)
     assert exit_info.value.code == 1
     captured = capsys.readouterr()
     assert captured.err == expected and "Traceback" not in captured.out
@@ -110,4 +139,4 @@ def test_run_cli_keeps_tracebacks_for_bugs():
     def main():
         raise KeyError("bug")
     with pytest.raises(KeyError):
-        utils.run_cli(main)
+        run_cli(main)

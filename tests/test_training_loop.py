@@ -11,14 +11,24 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-import utils
+from configs.keys import ConfigError
+from training.checkpoints import Checkpointer
+from training.cli import build_arg_parser
+from training.distributed import setup_for_distributed
+from training.errors import UserError
+from training.logging import ExperimentLogger, count_parameters, log_epoch, print_model_summary, visual_gmacs_per_clip
+from training.loop import LoopOptions, train_one_epoch
+from training.optim import alpha_ramp, cosine_lr, create_optimizer, make_lr_schedule, param_groups_for_weight_decay
+from training.precision import make_precision
+from training.progress import MetricLogger
+from utils import _ALLOCATOR_SETTINGS, atomic_torch_save, get_rng_state, seed_everything, set_rng_state
 
 
 # ---- precision --------------------------------------------------------------------------
 @pytest.mark.parametrize("method, dtype", [("apex", torch.bfloat16), ("fp16", torch.bfloat16),
                                            ("bf16", torch.bfloat16), ("none", None)])
 def test_precision_on_cpu_uses_bf16_autocast_without_scaler(method, dtype):
-    precision = utils.make_precision(method, "cpu")
+    precision = make_precision(method, "cpu")
     assert precision.dtype == dtype and not precision.scaler.is_enabled()
     with precision.autocast():
         out = nn.Linear(4, 4)(torch.ones(2, 4))
@@ -26,8 +36,8 @@ def test_precision_on_cpu_uses_bf16_autocast_without_scaler(method, dtype):
 
 
 def test_unknown_precision_method_is_a_user_error():
-    with pytest.raises(utils.UserError, match="fp8"):
-        utils.make_precision("fp8", "cpu")
+    with pytest.raises(UserError, match="fp8"):
+        make_precision("fp8", "cpu")
 
 
 # ---- optimiser and schedules ------------------------------------------------------------
@@ -45,26 +55,26 @@ class Tokens(nn.Module):
 
 def test_param_groups_exempt_biases_norms_and_tokens_from_decay():
     model = Tokens()
-    decay, no_decay = utils.param_groups_for_weight_decay(model, 0.05)
+    decay, no_decay = param_groups_for_weight_decay(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(model.proj.weight)}
     expected = [model.cls_token, model.pos_embed, model.temp, model.proj.bias, model.norm.weight, model.norm.bias]
     assert {id(p) for p in no_decay["params"]} == {id(p) for p in expected}
-    optimizer = utils.create_optimizer(model, {"init_lr": 3e-4, "weight_decay": 0.05})
+    optimizer = create_optimizer(model, {"init_lr": 3e-4, "weight_decay": 0.05})
     assert [g["lr"] for g in optimizer.param_groups] == [3e-4, 3e-4]
 
 
 def test_cosine_schedule():
-    assert utils.cosine_lr(0, 10, 1e-5, 0.0) == pytest.approx(1e-5)
-    assert utils.cosine_lr(5, 10, 1e-5, 1e-6) == pytest.approx(5.5e-6)
-    assert utils.cosine_lr(10, 10, 1e-5, 1e-6) == pytest.approx(1e-6)
-    schedule = utils.make_lr_schedule({"init_lr": 1e-5, "min_lr": 0.0, "max_epoch": 4}, "cosine")
+    assert cosine_lr(0, 10, 1e-5, 0.0) == pytest.approx(1e-5)
+    assert cosine_lr(5, 10, 1e-5, 1e-6) == pytest.approx(5.5e-6)
+    assert cosine_lr(10, 10, 1e-5, 1e-6) == pytest.approx(1e-6)
+    schedule = make_lr_schedule({"init_lr": 1e-5, "min_lr": 0.0, "max_epoch": 4}, "cosine")
     assert schedule(2, 123) == pytest.approx(0.5e-5)
 
 
 def test_warmup_then_step_decay_schedule():
     config = {"init_lr": 3e-4, "min_lr": 1e-6, "lr_decay_rate": 0.9, "warmup_lr": 1e-6, "warmup_steps": 100}
-    schedule = utils.make_lr_schedule(config, "warmup_step_decay")
+    schedule = make_lr_schedule(config, "warmup_step_decay")
     assert schedule(0, 0) == pytest.approx(1e-6)
     assert schedule(0, 50) == pytest.approx(1e-6 + (3e-4 - 1e-6) / 2)
     assert schedule(0, 100) == schedule(0, 5000) == pytest.approx(3e-4)
@@ -73,14 +83,14 @@ def test_warmup_then_step_decay_schedule():
 
 
 def test_schedule_needs_its_config_keys():
-    with pytest.raises(utils.ConfigError, match="missing warmup_lr, warmup_steps"):
-        utils.make_lr_schedule({"init_lr": 1, "min_lr": 0, "lr_decay_rate": 0.9}, "warmup_step_decay")
+    with pytest.raises(ConfigError, match="missing .warmup_steps.*needed by the warmup_step_decay learning-rate schedule"):
+        make_lr_schedule({"init_lr": 1, "min_lr": 0, "lr_decay_rate": 0.9}, "warmup_step_decay")
 
 
 def test_alpha_ramp():
-    assert utils.alpha_ramp(0.4, 0, 0, 10) == 0.0
-    assert utils.alpha_ramp(0.4, 1, 0, 10) == pytest.approx(0.2)
-    assert utils.alpha_ramp(0.4, 3, 5, 10) == pytest.approx(0.4)
+    assert alpha_ramp(0.4, 0, 0, 10) == 0.0
+    assert alpha_ramp(0.4, 1, 0, 10) == pytest.approx(0.2)
+    assert alpha_ramp(0.4, 3, 5, 10) == pytest.approx(0.4)
 
 
 # ---- a tiny model trained by the generic loop ---------------------------------------------
@@ -122,23 +132,23 @@ CONFIG = {"init_lr": 1e-2, "min_lr": 1e-4, "max_epoch": 3, "weight_decay": 0.05}
 def build(tmp_path, seed=0):
     torch.manual_seed(seed)
     model = Tiny()
-    optimizer = utils.create_optimizer(model, CONFIG)
-    precision = utils.make_precision("none", "cpu")
-    checkpointer = utils.Checkpointer(tmp_path, model, optimizer, precision, CONFIG)
+    optimizer = create_optimizer(model, CONFIG)
+    precision = make_precision("none", "cpu")
+    checkpointer = Checkpointer(tmp_path, model, optimizer, precision, CONFIG)
     return model, optimizer, precision, checkpointer
 
 
 def train(tmp_path, record, epochs, crash_at=None, checkpoint=None):
     model, optimizer, precision, checkpointer = build(tmp_path)
-    options = utils.LoopOptions(accumulation_steps=2, max_grad_norm=1.0, log_every=2,
+    options = LoopOptions(accumulation_steps=2, max_grad_norm=1.0, log_every=2,
                                 save_every_steps=2, seed=5)
     loader = make_loader(make_data(), batch_size=4)
-    schedule = utils.make_lr_schedule(CONFIG, "cosine")
+    schedule = make_lr_schedule(CONFIG, "cosine")
     resume = checkpointer.resume(checkpoint)
     start = resume.epoch if resume else 0
     stats = None
     for epoch in range(start, epochs):
-        stats = utils.train_one_epoch(model, loader, optimizer, epoch, recording_losses(record, crash_at),
+        stats = train_one_epoch(model, loader, optimizer, epoch, recording_losses(record, crash_at),
                                       precision, options, schedule, checkpointer, resume)
         checkpointer.save("checkpoint_last.pth", epoch, epoch_complete=True)
     return model, stats
@@ -183,9 +193,9 @@ def test_accumulation_matches_the_full_batch(tmp_path):
         def compute_losses(model, batch, context):
             x, y = batch
             return {"loss": ((model(x).squeeze(-1) - y) ** 2).mean()}
-        utils.train_one_epoch(model, loader, optimizer, 0, compute_losses,
-                              utils.make_precision("none", "cpu"),
-                              utils.LoopOptions(accumulation_steps=accumulation_steps))
+        train_one_epoch(model, loader, optimizer, 0, compute_losses,
+                              make_precision("none", "cpu"),
+                              LoopOptions(accumulation_steps=accumulation_steps))
         return model
     full, accumulated = one_update(8, 1), one_update(4, 2)
     for a, b in zip(full.parameters(), accumulated.parameters()):
@@ -203,8 +213,8 @@ def test_max_grad_norm_clips_before_the_step():
 
     def compute_losses(model, batch, context):
         return {"loss": 1000.0 * model(batch[0]).sum()}
-    utils.train_one_epoch(model, DataLoader(make_data(4), batch_size=4), optimizer, 0, compute_losses,
-                          utils.make_precision("none", "cpu"), utils.LoopOptions(max_grad_norm=0.5))
+    train_one_epoch(model, DataLoader(make_data(4), batch_size=4), optimizer, 0, compute_losses,
+                          make_precision("none", "cpu"), LoopOptions(max_grad_norm=0.5))
     change = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
     assert change.norm().item() == pytest.approx(0.5, rel=1e-4)
 
@@ -212,14 +222,14 @@ def test_max_grad_norm_clips_before_the_step():
 # ---- checkpoints ----------------------------------------------------------------------------
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint_last.pth"
-    utils.atomic_torch_save({"epoch": 1}, path)
+    atomic_torch_save({"epoch": 1}, path)
 
     def failing_save(obj, handle):
         handle.write(b"partial bytes")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        utils.atomic_torch_save({"epoch": 2}, path)
+        atomic_torch_save({"epoch": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pth"]
@@ -227,11 +237,11 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     import random
-    utils.seed_everything(11)
-    utils.atomic_torch_save({"rng": utils.get_rng_state()}, tmp_path / "rng.pth")
+    seed_everything(11)
+    atomic_torch_save({"rng": get_rng_state()}, tmp_path / "rng.pth")
     expected = (torch.rand(3), np.random.rand(3), random.random())
-    utils.seed_everything(99)
-    utils.set_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True)["rng"])
+    seed_everything(99)
+    set_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True)["rng"])
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
 
@@ -239,22 +249,22 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 def test_resume_errors_are_user_errors(tmp_path):
     model, optimizer, precision, checkpointer = build(tmp_path)
     assert checkpointer.resume() is None  # nothing to resume in a fresh output folder
-    with pytest.raises(utils.UserError, match="checkpoint not found"):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         checkpointer.resume(str(tmp_path / "missing.pth"))
     other = nn.Linear(2, 2)
-    utils.atomic_torch_save({"model": other.state_dict(), "optimizer": {}, "epoch": 0}, tmp_path / "other.pth")
-    with pytest.raises(utils.UserError, match="does not match this model: 4 missing keys"):
+    atomic_torch_save({"model": other.state_dict(), "optimizer": {}, "epoch": 0}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="does not match this model: 4 missing keys"):
         checkpointer.resume(str(tmp_path / "other.pth"))
     reshaped = {key: value[..., :1] for key, value in model.state_dict().items()}
-    utils.atomic_torch_save({"model": reshaped, "optimizer": {}, "epoch": 0}, tmp_path / "reshaped.pth")
-    with pytest.raises(utils.UserError, match="does not match this model: .*size mismatch"):
+    atomic_torch_save({"model": reshaped, "optimizer": {}, "epoch": 0}, tmp_path / "reshaped.pth")
+    with pytest.raises(UserError, match="does not match this model: .*size mismatch"):
         checkpointer.resume(str(tmp_path / "reshaped.pth"))
 
 
 # ---- logging ------------------------------------------------------------------------------
 def test_log_epoch_appends_one_json_line(tmp_path):
-    utils.log_epoch(tmp_path, 0, train={"lr": 1e-4, "loss_ita": 2.0}, val={"r_mean": 10.0})
-    utils.log_epoch(tmp_path, 1, train={"lr": 5e-5, "loss_ita": 1.0})
+    log_epoch(tmp_path, 0, train={"lr": 1e-4, "loss_ita": 2.0}, val={"r_mean": 10.0})
+    log_epoch(tmp_path, 1, train={"lr": 5e-5, "loss_ita": 1.0})
     lines = Path(tmp_path / "log.txt").read_text().splitlines()
     import json
     assert json.loads(lines[0]) == {"train_lr": 1e-4, "train_loss_ita": 2.0, "val_r_mean": 10.0, "epoch": 0}
@@ -263,13 +273,13 @@ def test_log_epoch_appends_one_json_line(tmp_path):
 
 def test_visual_gmacs_counts_multiply_adds():
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 2 * 4 * 4, 10))
-    assert utils.visual_gmacs_per_clip(encoder, 2, 4) == pytest.approx(96 * 10 / 1e9)
+    assert visual_gmacs_per_clip(encoder, 2, 4) == pytest.approx(96 * 10 / 1e9)
     assert encoder.training
-    assert utils.count_parameters(encoder) == (970, 970)
+    assert count_parameters(encoder) == (970, 970)
 
 
 def test_metric_logger_prints_rate_and_eta(capsys):
-    logger = utils.MetricLogger()
+    logger = MetricLogger()
     for _ in logger.log_every(range(4), 2, header="Eval:"):
         logger.update(loss=torch.tensor(1.5))
     out = capsys.readouterr().out
@@ -286,8 +296,8 @@ def test_a_tuple_of_loaders_yields_batches_together_for_the_shortest_length():
         return {"loss": model(video_x).mean() + model(image_x).mean()}
     model = nn.Linear(6, 1)
     loaders = (DataLoader(make_data(12), batch_size=4), DataLoader(make_data(12), batch_size=2))
-    utils.train_one_epoch(model, loaders, torch.optim.SGD(model.parameters(), lr=0.1), 0,
-                          compute_losses, utils.make_precision("none", "cpu"))
+    train_one_epoch(model, loaders, torch.optim.SGD(model.parameters(), lr=0.1), 0,
+                          compute_losses, make_precision("none", "cpu"))
     assert seen == [(4, 2, 3)] * 3
 
 
@@ -296,15 +306,15 @@ def test_missing_optional_integration_is_a_one_line_user_error(tmp_path, monkeyp
     import sys
     monkeypatch.setitem(sys.modules, "wandb", None)  # None in sys.modules makes the import fail
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    with pytest.raises(utils.UserError, match=f"needs the {package} package"):
-        utils.ExperimentLogger(tmp_path, {}, **flags)
+    with pytest.raises(UserError, match=f"needs the {package} package"):
+        ExperimentLogger(tmp_path, {}, **flags)
 
 
 def test_rank_aware_print_silences_other_ranks_unless_forced(capsys):
     import builtins
     original = builtins.print
     try:
-        utils.setup_for_distributed(False)
+        setup_for_distributed(False)
         print("hidden")
         print("shown", force=True)
     finally:
@@ -316,15 +326,15 @@ def test_model_summary_prints_parameters_and_gmacs(capsys):
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 2 * 4 * 4, 10))
     model = nn.ModuleDict({"visual_encoder": encoder, "head": nn.Linear(10, 2)})
     model["head"].requires_grad_(False)
-    utils.print_model_summary(model, encoder, {"num_frm_test": 2, "image_size": 4})
+    print_model_summary(model, encoder, {"num_frm_test": 2, "image_size": 4})
     out = capsys.readouterr().out
     assert "parameters: 0.00M total" in out and "0.00 GMACs per clip (2 frames, 4px" in out
 
 
 def test_loop_options_from_args():
-    args = utils.build_arg_parser("t").parse_args(["--config", "c", "--output_dir", "o",
+    args = build_arg_parser("t").parse_args(["--config", "c", "--output_dir", "o",
                                                    "--accumulation_steps", "4", "--max_grad_norm", "2"])
-    assert utils.LoopOptions.from_args(args, seed=7) == utils.LoopOptions(4, 2.0, 50, 0, 7)
+    assert LoopOptions.from_args(args, seed=7) == LoopOptions(4, 2.0, 50, 0, 7)
 
 
 _WHERE_A_LARGE_TENSOR_LIVES = """
@@ -347,7 +357,7 @@ print(libc.sbrk(0) == heap_end)  # the heap was not trimmed after the free
 def test_keeping_freed_cpu_memory_serves_large_tensors_from_the_heap_unless_the_environment_chose(env, keeps):
     # By default glibc gives a 64 MiB buffer a fresh mapping of its own (every page faults in on
     # first touch, each time); kept, it comes from the heap, which is never trimmed.
-    clean = {key: value for key, value in os.environ.items() if key not in utils._ALLOCATOR_SETTINGS}
+    clean = {key: value for key, value in os.environ.items() if key not in _ALLOCATOR_SETTINGS}
     script = _WHERE_A_LARGE_TENSOR_LIVES.format(repo=str(Path(__file__).resolve().parents[1]))
     result = subprocess.run([sys.executable, "-c", script], env={**clean, **env}, capture_output=True,
                             text=True, check=True)

@@ -1,0 +1,149 @@
+"""One training epoch: accumulation, AMP, clipping, mid-epoch checkpoints and exact resumption."""
+import argparse
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from training.checkpoints import ResumePoint
+from training.optim import set_lr
+from training.precision import Precision
+from training.progress import MetricLogger, SmoothedValue
+from training.distributed import seed_for_rank
+from utils import move_to_device, seed_everything, set_rng_state
+
+
+@dataclass
+class LoopOptions:
+    accumulation_steps: int = 1
+    max_grad_norm: float | None = None
+    log_every: int = 50
+    save_every_steps: int = 0  # optimiser steps between mid-epoch checkpoint_last.pth (0: off)
+    seed: int | None = None  # reseed every epoch from (seed, rank, epoch) when set
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, seed: int | None) -> "LoopOptions":
+        return cls(args.accumulation_steps, args.max_grad_norm, args.log_every,
+                   args.save_every_steps, seed)
+
+
+@dataclass
+class StepContext:
+    """Where the loop is, for compute_losses (e.g. the alpha ramp)."""
+    epoch: int
+    step: int  # micro-batch index within the epoch
+    steps_per_epoch: int
+    device: torch.device
+
+
+def _batches_after(loader, skip: int):
+    """An iterator over `loader` from batch `skip` on, without loading the skipped batches."""
+    if skip == 0 or loader.batch_sampler is None or isinstance(loader.dataset, IterableDataset):
+        iterator = iter(loader)
+        for _ in range(skip):
+            next(iterator)
+        return iterator
+    remaining = list(loader.batch_sampler)[skip:]
+    resumed = DataLoader(
+        loader.dataset, batch_sampler=remaining, num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+        worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+        timeout=loader.timeout, multiprocessing_context=loader.multiprocessing_context)
+    return iter(resumed)
+
+
+def _epoch_batches(loaders, epoch: int, skip: int, options: LoopOptions, resume: ResumePoint | None):
+    """Seed the epoch, tell samplers the epoch, and iterate from batch `skip` on (a tuple of
+    batches, one per loader, when there are several)."""
+    if options.seed is not None:
+        seed_everything(seed_for_rank(options.seed, epoch))
+    for each in loaders:
+        for sampler in (each.sampler, getattr(each.batch_sampler, "sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+    iterators = [_batches_after(each, skip) for each in loaders]
+    if skip and resume.rng_state is not None:
+        # Restored after the iterators exist: building them draws from the RNG.
+        set_rng_state(resume.rng_state)
+    return iterators[0] if len(iterators) == 1 else zip(*iterators)
+
+
+def _optimizer_step(optimizer, parameters, precision: Precision, max_grad_norm: float | None,
+                    metric_logger: MetricLogger) -> None:
+    """Clip (unscaled first under AMP), step, update the scaler and clear the gradients."""
+    if max_grad_norm is not None:
+        precision.scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        if torch.isfinite(grad_norm):  # an fp16 overflow step is skipped by the scaler
+            metric_logger.update(grad_norm=grad_norm)
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precision: Precision,
+                    options: LoopOptions | None = None, lr_schedule=None, checkpointer=None,
+                    resume: ResumePoint | None = None, experiment_logger=None) -> dict:
+    """One epoch of training; returns the epoch's averages over all ranks ('lr', losses...).
+
+    `loader` is a DataLoader, or a tuple of them (e.g. video and image for --sep_img) whose
+    batches arrive together as a tuple, for as many steps as the shortest has.
+
+    `compute_losses(model, batch, context)` returns a dict of named loss tensors; their sum
+    is the loss, run under autocast. With accumulation the loss is divided by the number
+    of micro-batches in the group and the optimiser steps once per group (DDP gradient sync
+    only on the last). `lr_schedule(epoch, optimiser_step)` sets the lr before each step.
+    When `resume` is for this epoch, its first `resume.skip_batches` batches are skipped and
+    the RNG state saved with them is restored, so the loss curve continues exactly.
+
+    Exact resumption needs the sampler's order to depend only on (seed, epoch), as with
+    DistributedSampler; randomness inside data-loader workers is not replayed exactly.
+    """
+    options = options or LoopOptions()
+    loaders = tuple(loader) if isinstance(loader, (list, tuple)) else (loader,)
+    model.train()
+    skip = resume.skip_batches if resume is not None and resume.epoch == epoch else 0
+    batches = _epoch_batches(loaders, epoch, skip, options, resume)
+    total = min(len(each) for each in loaders)
+    accumulation = options.accumulation_steps
+    updates_per_epoch = math.ceil(total / accumulation)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    device = parameters[0].device
+    metric_logger = MetricLogger()
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    optimizer.zero_grad(set_to_none=True)
+    header = f"Train epoch: [{epoch}]"
+    for index, batch in enumerate(metric_logger.log_every(batches, options.log_every, header,
+                                                          total=total - skip), start=skip):
+        group_start = index - index % accumulation
+        group_size = min(accumulation, total - group_start)
+        is_update = index + 1 == group_start + group_size
+        update_index = index // accumulation
+        if index == group_start:
+            if lr_schedule is not None:
+                set_lr(optimizer, lr_schedule(epoch, update_index))
+            metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        sync = nullcontext() if is_update or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with precision.autocast():
+                losses = compute_losses(model, move_to_device(batch, device), StepContext(epoch, index, total, device))
+                loss = sum(losses.values())
+            precision.scaler.scale(loss / group_size).backward()
+        metric_logger.update(**{name: value.detach().float() for name, value in losses.items()})
+        if not is_update:
+            continue
+        _optimizer_step(optimizer, parameters, precision, options.max_grad_norm, metric_logger)
+        global_step = epoch * updates_per_epoch + update_index + 1
+        if experiment_logger is not None and (update_index + 1) % options.log_every == 0:
+            experiment_logger.log({f"train/{name}": meter.value
+                                   for name, meter in metric_logger.meters.items()}, global_step)
+        if checkpointer is not None:
+            checkpointer.global_step = global_step
+            if (options.save_every_steps > 0 and index + 1 < total
+                    and (update_index + 1) % options.save_every_steps == 0):
+                checkpointer.save("checkpoint_last.pth", epoch, step_in_epoch=index + 1)
+    metric_logger.synchronize_between_processes()
+    print(f"Averaged stats: {metric_logger}")
+    return metric_logger.global_averages()

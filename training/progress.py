@@ -1,0 +1,94 @@
+"""Running averages and progress lines with rate and ETA."""
+import datetime
+import time
+from collections import defaultdict, deque
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from training.distributed import get_world_size
+
+
+class SmoothedValue:
+    """A scalar series: windowed median for display, global average for the epoch."""
+
+    def __init__(self, window_size: int = 20, fmt: str = "{median:.4f} ({global_avg:.4f})"):
+        self.window = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.window.append(value)
+        self.count += n
+        self.total += value * n
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.window)) if self.window else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def value(self) -> float:
+        return self.window[-1] if self.window else 0.0
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, global_avg=self.global_avg, value=self.value)
+
+
+def _format_seconds(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+class MetricLogger:
+    """Named SmoothedValues plus `log_every`, which prints progress with rate and ETA."""
+
+    def __init__(self, delimiter: str = "  "):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **values) -> None:
+        for name, value in values.items():
+            self.meters[name].update(value.item() if torch.is_tensor(value) else float(value))
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def synchronize_between_processes(self) -> None:
+        """Make every meter's count and total global in one all_reduce (windows stay local)."""
+        if get_world_size() == 1:
+            return
+        names = sorted(self.meters)  # the same order on every rank
+        totals = torch.tensor([[self.meters[name].count, self.meters[name].total] for name in names],
+                              dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(totals)
+        for name, (count, total) in zip(names, totals.tolist()):
+            self.meters[name].count, self.meters[name].total = int(count), total
+
+    def global_averages(self) -> dict:
+        return {name: meter.global_avg for name, meter in self.meters.items()}
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def log_every(self, iterable, print_freq: int, header: str = "", total: int | None = None):
+        """Yield from `iterable`, printing progress every `print_freq` items and at the end."""
+        total = len(iterable) if total is None else total
+        width = len(str(total))
+        start = time.time()
+        for index, item in enumerate(iterable):
+            yield item
+            done = index + 1
+            if done % print_freq == 0 or done == total:
+                elapsed = time.time() - start
+                rate = done / max(elapsed, 1e-9)
+                eta = (total - done) / rate
+                memory = (f"  max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB"
+                          if torch.cuda.is_available() else "")
+                print(f"{header} [{done:>{width}}/{total}]  eta: {_format_seconds(eta)}  "
+                      f"{rate:.2f} it/s  {self}{memory}", flush=True)
+        print(f"{header} total time: {_format_seconds(time.time() - start)}", flush=True)
