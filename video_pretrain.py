@@ -43,10 +43,10 @@ def image_data_config(config: dict, path: str) -> dict:
 
 def main():
     args = parse_args()
+    if args.evaluate:  # before set-up: nothing is written
+        raise UserError("video_pretrain.py has no evaluation; use the retrieval or QA script with --evaluate")
     run = setup_run(args)
     config = run.config
-    if args.evaluate:
-        raise UserError("video_pretrain.py has no evaluation; use the retrieval or QA script with --evaluate")
     data_configs = [config] + ([image_data_config(config, args.img_config)] if args.sep_img else [])
     datasets = [create_dataset(name, data_config) for name, data_config in zip(("pretrain", "pretrain_image"),
                                                                                data_configs)]

@@ -91,6 +91,8 @@ CONFIG_KEYS: dict[str, ConfigKey] = {key.name: key for key in [
     _key("batch_size_train", int, REQUIRED, "data", "fine-tuning batch per process"),
     _key("batch_size_test", int, REQUIRED, "data", "evaluation batch per process"),
     _key("num_workers", int, 4, "data", "data-loader workers per process"),
+    _key("substitute_black_on_error", bool, False, "data",
+         "evaluation: a black clip replaces an unreadable video (counted and named) instead of stopping"),
     # optimisation
     _key("init_lr", _NUMBER, REQUIRED, "optimisation", "learning rate after warm-up"),
     _key("min_lr", _NUMBER, REQUIRED, "optimisation", "lowest learning rate"),

@@ -4,26 +4,75 @@ Workers are separate processes holding copies of the dataset, so the count lives
 small temporary folder: each occurrence appends one byte to a counter file (O_APPEND
 writes are atomic), and a marker file per bad path, created with O_EXCL, makes the
 warning appear once per file across all workers and epochs.
+
+The folder is named testa_bad_inputs_<owner pid>_*. The owner removes it when the log is
+garbage-collected, at interpreter exit (normal end, exception, sys.exit) and on SIGTERM;
+a SIGKILLed owner leaves it behind, and the next BadInputLog removes folders whose owner
+pid is no longer running.
 """
+import glob
 import hashlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import weakref
+
+PREFIX = "testa_bad_inputs_"
+_owned = {}  # folder -> owner pid, for the SIGTERM handler
 
 
 def _remove_folder(folder, owner_pid):
     if os.getpid() == owner_pid:  # a worker's copy never removes the owner's folder
         shutil.rmtree(folder, ignore_errors=True)
+        _owned.pop(folder, None)
+
+
+def _pid_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_folders(root=None):
+    """Remove the folders of owners that are no longer running (killed before they could clean up)."""
+    for folder in glob.glob(os.path.join(root or tempfile.gettempdir(), PREFIX + "*")):
+        pid = os.path.basename(folder)[len(PREFIX):].split("_")[0]
+        if pid.isdigit() and not _pid_running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _on_sigterm(signum, frame):
+    """Remove this process's folders, then die of SIGTERM as if no handler were installed
+    (launchers such as torchrun read the signal from the exit status)."""
+    for folder, owner_pid in list(_owned.items()):
+        _remove_folder(folder, owner_pid)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _handle_sigterm():
+    """Install _on_sigterm unless the program already handles SIGTERM itself (then its handler
+    decides how to exit, and atexit removes the folder when it exits normally)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 class BadInputLog:
     def __init__(self):
-        self.folder = tempfile.mkdtemp(prefix="testa_bad_inputs_")
+        remove_stale_folders()
+        self.folder = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}_")
         self._counter = os.path.join(self.folder, "count")
         open(self._counter, "wb").close()
-        weakref.finalize(self, _remove_folder, self.folder, os.getpid())
+        _owned[self.folder] = os.getpid()
+        weakref.finalize(self, _remove_folder, self.folder, os.getpid())  # also runs at exit
+        _handle_sigterm()
 
     def record(self, path, reason):
         fd = os.open(self._counter, os.O_WRONLY | os.O_APPEND)
@@ -40,7 +89,10 @@ class BadInputLog:
             os.write(fd, str(path).encode())
         finally:
             os.close(fd)
-        print(f"[data] unreadable input {path}: {reason}", file=sys.stderr, flush=True)
+        # Not print(): the distributed set-up silences it on every rank but 0, and each rank
+        # reads its own files.
+        sys.stderr.write(f"[data] unreadable input {path}: {reason}\n")
+        sys.stderr.flush()
 
     def count(self):
         """Occurrences since the last reset, summed over all worker processes."""

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset
 
 from configs.keys import ConfigError, value
 
-from .annotations import read_activitynet, read_condensedmovies, read_didemo, read_json, read_queryd
+from .annotations import layout_of, read_activitynet, read_condensedmovies, read_didemo, read_json, read_queryd
 from .bad_inputs import BadInputLog
+from .errors import DataError
 from .text import pre_caption, pre_question
 from .transforms import EvalTransform, ImageTrainTransform, VideoTrainTransform
 from .video import STRATEGIES, VideoReadError, read_video
@@ -31,9 +33,14 @@ def encoder_layout(clip: torch.Tensor) -> torch.Tensor:
     return clip.transpose(0, 1)
 
 
-def drop_missing(items, path_of, dataset):
-    """Keep the items whose file exists; print one line with the number dropped."""
+def drop_missing(items, path_of, dataset, split, video_root):
+    """Keep the items whose file exists; print one line with the number dropped. A split with
+    nothing left is an error here, in words, rather than an empty batch list deep in evaluation."""
     kept = [item for item in items if path_of(item) is not None and Path(path_of(item)).is_file()]
+    if not kept:
+        where = f"under video_root {video_root}" if str(video_root) not in ("", ".") else "(video_root is not set)"
+        found = f"none of the {len(items)} files it lists exist {where}" if items else "its annotations list nothing"
+        raise DataError(f"{dataset} {split} split: {found}")
     if len(kept) < len(items):
         print(f"[data] {dataset}: dropped {len(items) - len(kept)} of {len(items)} items whose video is missing")
     return kept
@@ -44,11 +51,19 @@ class ClipDataset(Dataset):
 
     Training: an unreadable file is logged once, counted, and the item is replaced by a
     random other one, at most `max_tries` times in a row. Evaluation: it raises with the
-    path, unless `substitute_black_on_error`, which substitutes a black clip and counts it.
+    path, unless `substitute_black_on_error` (the config key, or the option of the same
+    name), which substitutes a black clip and counts it.
     `bad_inputs.count()` / `.reset()` read the count over all worker processes.
+
+    Training randomness (frame sampling, crops, augmentation, replacement picks) of item i
+    comes from a generator seeded with (seed, epoch, rank, i) alone, so an item is the same
+    whichever worker loads it and however many items came before (a resumed epoch, another
+    num_workers). `set_epoch` must be called before each epoch's loader iterator is built
+    (workers copy the dataset then); `set_seed` sets seed and rank, which default to the
+    config's `seed` and this process's rank.
     """
 
-    def __init__(self, config, name, train, substitute_black_on_error=False, max_tries=10):
+    def __init__(self, config, name, train, substitute_black_on_error=None, max_tries=10):
         self.name, self.train, self.max_tries = name, train, max_tries
         # Optional for pre-training, whose annotation files may hold absolute paths.
         self.video_root = Path(config.get("video_root") or "")
@@ -65,12 +80,28 @@ class ClipDataset(Dataset):
         else:
             self.decode_size = self.image_size
             self.transform = EvalTransform(self.image_size)
+        if substitute_black_on_error is None:
+            substitute_black_on_error = value(config, "substitute_black_on_error")
         self.substitute_black_on_error = substitute_black_on_error
         self.bad_inputs = BadInputLog()
+        self.epoch = 0
+        self.set_seed(value(config, "seed"), dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
 
-    def load_video(self, path):
+    def set_seed(self, seed, rank=0):
+        self.seed, self.rank = seed, rank
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def item_rng(self, index):
+        """The generator of training item `index` this epoch. A local generator, not a reseed of
+        the global ones: with num_workers=0 the items load in the training process, whose
+        global RNGs drive dropout and are saved in checkpoints."""
+        return random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{index}")  # str seeds hash stably
+
+    def load_video(self, path, rng=None):
         try:
-            clip = read_video(path, self.num_frm, self.strategy, self.decode_size)
+            clip = read_video(path, self.num_frm, self.strategy, self.decode_size, rng)
         except VideoReadError as err:
             if not (self.train or self.substitute_black_on_error):
                 raise  # evaluation never substitutes silently
@@ -78,21 +109,23 @@ class ClipDataset(Dataset):
             if self.train:
                 raise  # __getitem__ replaces the item
             clip = torch.zeros(self.num_frm, 3, self.image_size, self.image_size, dtype=torch.uint8)
-        return encoder_layout(self.transform(clip))
+        return encoder_layout(self.transform(clip, rng or random) if self.train else self.transform(clip))
 
-    def item(self, index):
+    def item(self, index, rng=None):
+        """Item `index`; training items draw every random choice from `rng`."""
         raise NotImplementedError
 
     def __getitem__(self, index):
         if not self.train:
             return self.item(index)
+        rng = self.item_rng(index)
         for _ in range(self.max_tries):
             try:
-                return self.item(index)
+                return self.item(index, rng)
             except VideoReadError:
-                index = random.randrange(len(self))
-        raise RuntimeError(f"{self.name}: {self.max_tries} unreadable inputs in a row; "
-                           f"see {self.bad_inputs.paths()[:5]}")
+                index = rng.randrange(len(self))
+        raise DataError(f"{self.name}: {self.max_tries} unreadable inputs in a row; "
+                        f"see {self.bad_inputs.paths()[:5]}")
 
 
 class PretrainDataset(ClipDataset):
@@ -105,28 +138,30 @@ class PretrainDataset(ClipDataset):
             raise ValueError(f"{name} has only a 'train' split, got {split!r}")
         super().__init__(config, name, train=True, **options)
         files = config_value(config, "train_file", name)
-        entries = [entry for path in ([files] if isinstance(files, str) else files)
-                   for entry in read_json(path, f"{name} train_file")]
-        self.items = drop_missing([(self.video_root / e["path"], e["caption"]) for e in entries],
-                                  lambda item: item[0], name)
+        items = []
+        for path in [files] if isinstance(files, str) else files:
+            entries = read_json(path, f"{name} train_file")
+            with layout_of(path, 'a list of {"path", "caption"} objects'):
+                items += [(self.video_root / e["path"], e["caption"]) for e in entries]
+        self.items = drop_missing(items, lambda item: item[0], name, split, self.video_root)
         self.image_transform = ImageTrainTransform(self.image_size, self.num_frm)
 
     def __len__(self):
         return len(self.items)
 
-    def load_image(self, path):
+    def load_image(self, path, rng=None):
         try:
             with Image.open(path) as picture:
                 image = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1).contiguous()
         except Exception as err:
             self.bad_inputs.record(path, err)
             raise VideoReadError(path, err) from err
-        return encoder_layout(self.image_transform(image))
+        return encoder_layout(self.image_transform(image, rng or random))
 
-    def item(self, index):
+    def item(self, index, rng=None):
         path, caption = self.items[index]
         is_video = path.suffix.lower() in VIDEO_EXTENSIONS
-        clip = self.load_video(path) if is_video else self.load_image(path)
+        clip = self.load_video(path, rng) if is_video else self.load_image(path, rng)
         return clip, pre_caption(caption, self.max_words)
 
 
@@ -148,7 +183,8 @@ class RetrievalTrainDataset(ClipDataset):
 
     def __init__(self, config, name, pairs, clean_caption, **options):
         super().__init__(config, name, train=True, **options)
-        pairs = drop_missing([(self.video_root / video, text) for video, text in pairs], lambda p: p[0], name)
+        pairs = drop_missing([(self.video_root / video, text) for video, text in pairs], lambda p: p[0], name,
+                             "train", self.video_root)
         video_index = {}
         self.items = [(video, clean_caption(text, self.max_words), video_index.setdefault(video, len(video_index)))
                       for video, text in pairs]
@@ -156,9 +192,9 @@ class RetrievalTrainDataset(ClipDataset):
     def __len__(self):
         return len(self.items)
 
-    def item(self, index):
+    def item(self, index, rng=None):
         video, caption, video_index = self.items[index]
-        return self.load_video(video), caption, video_index
+        return self.load_video(video, rng), caption, video_index
 
 
 class RetrievalEvalDataset(ClipDataset):
@@ -167,7 +203,8 @@ class RetrievalEvalDataset(ClipDataset):
 
     def __init__(self, config, name, pairs, clean_caption, split="test", **options):
         super().__init__(config, name, train=False, **options)
-        pairs = drop_missing([(self.video_root / video, text) for video, text in pairs], lambda p: p[0], name)
+        pairs = drop_missing([(self.video_root / video, text) for video, text in pairs], lambda p: p[0], name,
+                             split, self.video_root)
         pairs = first_line_per_video(pairs, name, split)
         self.video = [video for video, _ in pairs]
         self.text = [clean_caption(text, self.max_words) for _, text in pairs]
@@ -177,7 +214,7 @@ class RetrievalEvalDataset(ClipDataset):
     def __len__(self):
         return len(self.video)
 
-    def item(self, index):
+    def item(self, index, rng=None):
         return self.load_video(self.video[index]), index
 
 
@@ -201,13 +238,15 @@ class VideoQADataset(ClipDataset):
         questions = read_json(ann_root / f"{split}_q.json", f"{name} questions")
         answer_rows = read_json(ann_root / f"{split}_a.json", f"{name} answers")
         answers = defaultdict(list)
-        for row in answer_rows:
-            answers[row["question_id"]].append(row["answer"])
+        with layout_of(ann_root / f"{split}_a.json", 'a list of {"question_id", "answer"} objects'):
+            for row in answer_rows:
+                answers[row["question_id"]].append(row["answer"])
+            self.question_types = {row["question_id"]: row["type"] for row in answer_rows if "type" in row}
         self.answers = {qid: values[0] for qid, values in answers.items()}
-        self.question_types = {row["question_id"]: row["type"] for row in answer_rows if "type" in row}
-        items = [(self.video_path(q["video_name"]), pre_question(q["question"]), q["question_id"],
-                  answers[q["question_id"]]) for q in questions]
-        self.items = drop_missing(items, lambda item: item[0], name)
+        with layout_of(ann_root / f"{split}_q.json", 'a list of {"question_id", "video_name", "question"} objects'):
+            items = [(self.video_path(q["video_name"]), pre_question(q["question"]), q["question_id"],
+                      answers[q["question_id"]]) for q in questions]
+        self.items = drop_missing(items, lambda item: item[0], name, split, self.video_root)
         self.question_ids = [item[2] for item in self.items]
         self.answer_list = self.read_answer_list(config, ann_root, split, answer_rows)
 
@@ -224,14 +263,15 @@ class VideoQADataset(ClipDataset):
             return read_json(config["answer_list"], f"{self.name} answer_list")
         if split != "train":
             answer_rows = read_json(ann_root / "train_a.json", f"{self.name} answers (for the answer list)")
-        return list(dict.fromkeys(row["answer"] for row in answer_rows))
+        with layout_of(ann_root / "train_a.json", 'a list of {"question_id", "answer"} objects'):
+            return list(dict.fromkeys(row["answer"] for row in answer_rows))
 
     def __len__(self):
         return len(self.items)
 
-    def item(self, index):
+    def item(self, index, rng=None):
         video, question, question_id, answers = self.items[index]
-        clip = self.load_video(video)
+        clip = self.load_video(video, rng)
         if not self.train:
             return clip, question, question_id
         counts = Counter(answers)
@@ -267,7 +307,7 @@ SPLITS = ("train", "val", "test")
 
 def create_dataset(name, config, split="train", **options):
     """Build dataset `name` for `split` ('train', 'val' or 'test'); options:
-    substitute_black_on_error (evaluation), max_tries (training)."""
+    substitute_black_on_error (evaluation; default: the config key), max_tries (training)."""
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
     if split not in SPLITS:

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import torch
 
+from .errors import DataError, one_line
+
 try:
     import decord
 except ImportError:  # no decord wheel on this platform: PyAV reads everything
@@ -23,10 +25,19 @@ UNSAMPLED_TAIL_WARNING = 0.25
 _decode_threads = 0
 
 
-class VideoReadError(RuntimeError):
-    def __init__(self, path, reason):
-        super().__init__(f"cannot decode video {path}: {reason}")
-        self.path = str(path)
+class VideoReadError(DataError):
+    """A video no reader can decode; the one-line message names the path.
+
+    `VideoReadError(message)` with one argument is how torch's DataLoader re-raises it from a
+    worker (the message then ends with the worker's traceback); `.path` is None then."""
+
+    def __init__(self, path, reason=None):
+        if reason is None:
+            super().__init__(path)
+            self.path = None
+        else:
+            super().__init__(one_line(f"cannot decode video {path}: {reason}"))  # decord's errors span lines
+            self.path = str(path)
 
 
 def worker_init_fn(worker_id):

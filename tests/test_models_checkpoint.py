@@ -78,3 +78,78 @@ def test_summary_reports_ignored_modules_once(fixtures_dir, fresh_retrieval, cap
     load_checkpoint(fresh_retrieval, str(fixtures_dir / "blip_init" / "blip_image_compact.pth"))
     out = capsys.readouterr().out
     assert out.count("ignored (not used by this model): text_decoder") == 1
+
+
+# ---- checkpoint identity: a checkpoint must fit the model it is loaded into ---------------
+def _build(kind):
+    from models import build_pretrain_model, build_qa_model
+    builders = {"retrieval": (build_retrieval_model, "retrieval"), "qa": (build_qa_model, "vqa"),
+                "pretrain": (build_pretrain_model, "pretrain")}
+    builder, config = builders[kind]
+    torch.manual_seed(0)
+    return builder(fixture_config(config))
+
+
+CHECKPOINTS = {"retrieval": "retrieval.pth", "vqa": "vqa.pth", "pretrain": "pretrain.pth",
+               "blip": "blip_init/blip_image_compact.pth"}
+
+
+@pytest.mark.parametrize("file, family", [("retrieval", "video retrieval"), ("vqa", "video QA"),
+                                          ("pretrain", "video pre-training"), ("blip", "image-BLIP pre-training")])
+def test_the_family_of_a_checkpoint_is_read_from_its_keys(fixtures_dir, file, family):
+    from models.checkpoint import checkpoint_family, read_state_dict
+    assert checkpoint_family(read_state_dict(str(fixtures_dir / CHECKPOINTS[file]))) == family
+
+
+@pytest.mark.parametrize("model_kind, file, may_be_fresh", [
+    ("retrieval", "blip", {"idx_queue", "ptr_queue", "visual_encoder", "visual_encoder_m"}),  # temporal
+    ("retrieval", "pretrain", {"idx_queue", "ptr_queue"}),  # fine-tuning / zero-shot from pre-training
+    ("retrieval", "retrieval", set()),  # --evaluate of a fine-tuned model
+    ("qa", "blip", {"visual_encoder"}),
+    ("qa", "pretrain", set()),  # the QA decoder comes from the pre-training decoder
+    ("qa", "vqa", set()),
+    ("pretrain", "blip", {"visual_encoder", "visual_encoder_m"}),  # pretrain_timesformer_from_blip
+    ("pretrain", "pretrain", set()),
+])
+def test_every_published_workflow_still_loads(fixtures_dir, capsys, model_kind, file, may_be_fresh):
+    model = _build(model_kind)
+    report = load_checkpoint(model, str(fixtures_dir / CHECKPOINTS[file]))
+    assert {k.split(".")[0] for k in report.missing} == may_be_fresh
+    fresh_visual = [k for k in report.missing if k.startswith("visual_encoder")]
+    assert all(k.endswith(("time_embed", "temporal_scaling")) or ".temporal_fc." in k for k in fresh_visual)
+    expected_family = {"blip": "image-BLIP pre-training", "pretrain": "video pre-training",
+                       "retrieval": "video retrieval", "vqa": "video QA"}[file]
+    assert report.family == expected_family
+    assert capsys.readouterr().out.splitlines()[0].endswith(f"({expected_family} checkpoint)")
+
+
+@pytest.mark.parametrize("model_kind, file, family, lacks", [
+    ("retrieval", "vqa", "video QA", "vision_proj.weight"),
+    ("qa", "retrieval", "video retrieval", "text_decoder."),
+    ("pretrain", "retrieval", "video retrieval", "text_decoder."),
+    ("pretrain", "vqa", "video QA", "itm_head.weight"),
+])
+def test_a_checkpoint_of_another_family_is_refused_naming_it(fixtures_dir, model_kind, file, family, lacks):
+    model = _build(model_kind)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = str(fixtures_dir / CHECKPOINTS[file])
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(model, path, verbose=False)
+    message = str(error.value)
+    assert message.startswith(f"{path} is a {family} checkpoint and does not fit this ") and lacks in message
+    assert "\n" not in message
+    # Refused before loading: the model is untouched.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_what_may_start_fresh_is_a_short_list():
+    from models.checkpoint import may_start_fresh
+    assert may_start_fresh("idx_queue", set()) and may_start_fresh("queue_ptr", set())
+    assert may_start_fresh("text_encoder.embeddings.position_ids", set())
+    assert may_start_fresh("visual_encoder.blocks.3.temporal_scaling", set())
+    assert may_start_fresh("visual_encoder.time_embed", {"visual_encoder."})
+    assert not may_start_fresh("visual_encoder.time_embed", set())  # a video checkpoint must have it
+    assert not may_start_fresh("visual_encoder.blocks.0.temporal_fc.weight", {"visual_encoder_m."})
+    for key in ("itm_head.weight", "vision_proj.weight", "text_decoder.cls.predictions.bias", "temp",
+                "visual_encoder_m.cls_token"):
+        assert not may_start_fresh(key, {"visual_encoder.", "visual_encoder_m."}), key

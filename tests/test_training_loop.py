@@ -28,7 +28,8 @@ from utils import _ALLOCATOR_SETTINGS, atomic_torch_save, get_rng_state, seed_ev
 @pytest.mark.parametrize("method, dtype", [("apex", torch.bfloat16), ("fp16", torch.bfloat16),
                                            ("bf16", torch.bfloat16), ("none", None)])
 def test_precision_on_cpu_uses_bf16_autocast_without_scaler(method, dtype):
-    precision = make_precision(method, "cpu")
+    # A CPU with native bf16; without it see tests/test_reliability_training.py.
+    precision = make_precision(method, "cpu", cpu_bf16_is_native=lambda: True)
     assert precision.dtype == dtype and not precision.scaler.is_enabled()
     with precision.autocast():
         out = nn.Linear(4, 4)(torch.ones(2, 4))
@@ -172,6 +173,16 @@ def test_resume_mid_epoch_continues_the_loss_curve_exactly(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_resumed_epoch_reports_the_averages_of_the_whole_epoch(tmp_path):
+    _, reference = train(tmp_path / "a", [], epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "b", [], epochs=2, crash_at=(1, 5))
+    state = torch.load(tmp_path / "b" / "checkpoint_last.pth", weights_only=True)
+    assert state["meters"][0]["loss_mse"]["count"] == 4  # the running totals of the epoch's first 4 batches
+    _, resumed = train(tmp_path / "b", [], epochs=2)
+    assert resumed == reference  # exactly: the same sums in the same order
+
+
 def test_resume_from_explicit_checkpoint_at_epoch_end(tmp_path):
     reference_losses, partial_losses, resumed_losses = [], [], []
     reference, _ = train(tmp_path / "a", reference_losses, epochs=2)
@@ -285,6 +296,13 @@ def test_metric_logger_prints_rate_and_eta(capsys):
     out = capsys.readouterr().out
     assert "Eval: [2/4]  eta:" in out and "it/s" in out and "loss: 1.5000 (1.5000)" in out
     assert math.isclose(logger.global_averages()["loss"], 1.5)
+
+
+def test_a_resumed_epoch_prints_its_positions_in_the_whole_epoch(capsys):
+    for _ in MetricLogger().log_every(range(2), 1, header="Train epoch: [1]", total=4, start=2):
+        pass
+    out = capsys.readouterr().out
+    assert "Train epoch: [1] [3/4]" in out and "Train epoch: [1] [4/4]" in out and "[1/" not in out
 
 
 def test_a_tuple_of_loaders_yields_batches_together_for_the_shortest_length():

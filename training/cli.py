@@ -7,8 +7,10 @@ import torch
 
 from configs.keys import value
 from training.config import load_config, save_config
-from training.distributed import get_world_size, init_distributed, seed_for_rank
+from training.distributed import gather_objects, get_world_size, init_distributed, is_main_process, seed_for_rank
+from training.errors import UserError
 from training.precision import Precision, make_precision
+from training.run_lock import acquire_run_lock
 from utils import keep_freed_cpu_memory, seed_everything
 
 
@@ -35,6 +37,8 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
              "without it, output_dir/checkpoint_last.pth is resumed when present")
     add("--evaluate", action="store_true",
         help="no training: evaluate the config's `pretrained` weights on the test split")
+    add("--allow_random_weights", action="store_true",
+        help="let --evaluate run with an empty `pretrained:` (randomly initialised weights: chance level)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu",
         help="cuda or cpu (default: %(default)s); under torchrun each process uses cuda:LOCAL_RANK")
     add("--seed", type=int, default=None, help="random seed (default: the config's seed, else 42)")
@@ -76,8 +80,23 @@ class Run:
 _FLAGS_OVERRIDING_CONFIG = ("num_workers", "k_test_batch_size", "low_resource_eval", "seed")
 
 
+def lock_output_dir(output_dir: Path) -> None:
+    """Rank 0 takes output_dir/.lock (torchrun's ranks share the folder); every rank stops if it
+    could not, so no rank waits at a collective for a rank that has gone."""
+    refusal = None
+    if is_main_process():
+        try:
+            acquire_run_lock(output_dir)
+        except UserError as error:
+            refusal = str(error)
+    refusal = gather_objects(refusal)[0]
+    if refusal is not None:
+        raise UserError(refusal)
+
+
 def setup_run(args: argparse.Namespace) -> Run:
-    """Distributed init, config + overrides + flags, output folder, config.yaml, seeding."""
+    """Distributed init, config + overrides + flags, output folder (locked for this run),
+    config.yaml, seeding."""
     device = init_distributed(args.device)
     if device.type == "cpu" and keep_freed_cpu_memory():
         print("CPU allocator: glibc malloc keeps freed memory for reuse (no per-step page faults)")
@@ -86,8 +105,13 @@ def setup_run(args: argparse.Namespace) -> Run:
         if getattr(args, flag) is not None:
             config[flag] = getattr(args, flag)
     seed = config["seed"] = value(config, "seed")
+    if args.evaluate and not config.get("pretrained") and not args.allow_random_weights:
+        # Metrics of random weights look like results; make testing chance level a choice.
+        raise UserError("--evaluate needs weights to test: `pretrained:` is empty; set pretrained=PATH "
+                        "(or pass --allow_random_weights to evaluate a randomly initialised model)")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    lock_output_dir(output_dir)
     save_config(config, output_dir)
     seed_everything(seed_for_rank(seed))
     precision = make_precision(args.mixed_precision_method, device)

@@ -1,35 +1,117 @@
-"""One line for a user's mistake, a traceback for a bug."""
+"""One line for a user's mistake or a failing environment, a traceback for a bug."""
+import errno
+import io
 import os
+import re
 import sys
+import time
 from typing import Callable
 
 import torch.distributed as dist
 
 from configs.keys import ConfigError
+from data.errors import DataError, one_line
 from models.checkpoint import CheckpointError
-
-# What a user's input can cause: each is reported in one line.
-USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError)
 
 
 class UserError(Exception):
     """A mistake in the user's input (flags, files, config): reported in one line."""
 
 
+# What a user's input can cause: each is reported in one line. DataError covers broken
+# annotation files (data.annotations.AnnotationError), undecodable videos
+# (data.video.VideoReadError) and splits without any video.
+USER_ERRORS = (UserError, ConfigError, CheckpointError, DataError, FileNotFoundError)
+
+# OSErrors that are about the paths the user gave or the machine (an unwritable or
+# non-creatable --output_dir, a full disk), not about the code.
+ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                      errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.EIO}
+
+# torch.save reports a failed write through its zip writer without the file or the cause.
+_TORCH_WRITE_FAILURE = re.compile(r"inline_container\.cc|PytorchStreamWriter failed")
+_WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):"
+# How long a rank other than 0 waits, after a user error, for rank 0 to report it.
+QUIET_WAIT_S = 5.0
+# gloo's error in the ranks left waiting for a process that has exited: the consequence of a
+# failure that the exited process has reported already.
+_PEER_EXITED = re.compile(r"Connection (closed|reset) by peer")
+
+
+def _original_message(text: str) -> str:
+    """torch's DataLoader re-raises a worker's error as `type(error)(message)`, where the message
+    holds the worker's whole traceback; its last line is `module.Class: original message`."""
+    if _WORKER_TRACEBACK not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return re.sub(r"^[\w.]+: ", "", last, count=1)
+
+
+def _file_being_written(error: BaseException):
+    """The innermost file the failing code was writing: the open file object in a frame of
+    its traceback (a write() error carries no file name), or the path handed to torch.save."""
+    found = None
+    traceback = error.__traceback__
+    while traceback is not None:
+        frame = traceback.tb_frame
+        for name, local in frame.f_locals.items():
+            name_of_file = getattr(local, "name", None)
+            if isinstance(local, io.IOBase) and isinstance(name_of_file, str) and not name_of_file.startswith("<") \
+                    and set(getattr(local, "mode", "")) & set("wax+"):  # "<stderr>" is no file to blame
+                found = name_of_file
+            elif name == "f" and frame.f_code.co_name == "save" and isinstance(local, (str, os.PathLike)) \
+                    and frame.f_code.co_filename.endswith(os.path.join("torch", "serialization.py")):
+                found = os.fspath(local)
+        traceback = traceback.tb_next
+    return found
+
+
+def _os_reason(error: OSError) -> str:
+    return (error.strerror or os.strerror(error.errno)).lower()
+
+
+def user_message(error: BaseException):
+    """The one line for an error caused by the user's input or the environment; None for a bug."""
+    if isinstance(error, FileNotFoundError) and error.filename is not None:
+        return f"file not found: {error.filename}"
+    if isinstance(error, USER_ERRORS):
+        return one_line(_original_message(str(error)))
+    if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
+        path = error.filename or _file_being_written(error) or "(file unknown)"
+        return one_line(f"{path}: {_os_reason(error)}")
+    if isinstance(error, RuntimeError) and _TORCH_WRITE_FAILURE.search(str(error)):
+        # torch's own text ("unexpected pos 704 vs 598") hides the cause: the OSError it
+        # caught while writing, when there is one; a short write is most often a full disk.
+        cause = error.__context__ or error.__cause__
+        reason = _os_reason(cause) if isinstance(cause, OSError) and cause.errno else \
+            "write failed, most likely no space left on device"
+        return one_line(f"{_file_being_written(error) or '(file unknown)'}: {reason} (saving with torch.save failed)")
+    return None
+
+
 def run_cli(main: Callable[[], object]) -> None:
-    """Run `main()`; user mistakes print one `error: ...` line to stderr and exit 1.
+    """Run `main()`; user mistakes and environment failures print one `error: ...` line to
+    stderr and exit 1. Under torchrun rank 0 reports; the other ranks exit quietly.
 
     Anything else is a bug and keeps its traceback.
     """
     try:
         main()
-    except (UserError, *USER_ERRORS) as error:
-        if isinstance(error, FileNotFoundError) and error.filename is not None:
-            message = f"file not found: {error.filename}"
-        else:
-            message = str(error)
-        if int(os.environ.get("RANK", 0)) == 0:  # one line, not one per process
-            print(f"error: {message}", file=sys.stderr, flush=True)
+    except Exception as error:
+        message = user_message(error)
+        if message is None and isinstance(error, RuntimeError) and _PEER_EXITED.search(str(error)):
+            sys.exit(1)
+        if message is None:
+            raise
+        if int(os.environ.get("RANK", 0)) != 0:
+            # One line, not one per process: rank 0 meets the same error, reports it and exits,
+            # and torchrun then stops this process during the wait. Exiting at once instead
+            # could get rank 0 stopped before it prints. A rank still alive after the wait has
+            # an error of its own (a bad video in its shard) and reports it.
+            time.sleep(QUIET_WAIT_S)
+        # Not print(): the distributed set-up silences print() on every rank but 0.
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
         sys.exit(1)
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -1,4 +1,7 @@
 """The epoch loop the three scripts share: train, validate, checkpoint, log, then test the best."""
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -7,7 +10,7 @@ from configs.keys import value
 from models.checkpoint import read_checkpoint
 from training.checkpoints import Checkpointer, load_model_state
 from training.cli import Run
-from training.distributed import wrap_distributed
+from training.distributed import gather_objects, is_main_process, wrap_distributed
 from training.logging import ExperimentLogger, log_epoch, write_results
 from training.loop import LoopOptions, train_one_epoch
 from training.optim import create_optimizer, make_lr_schedule
@@ -29,10 +32,11 @@ def fit(run: Run, model: torch.nn.Module, train_loader, compute_losses, schedule
         bad_input_datasets=(), checkpoint_every_epoch: bool = False) -> None:
     """Train for config['max_epoch'] epochs, resuming where a previous run stopped.
 
-    After each epoch: report unreadable inputs, `validate(model, epoch)`, save checkpoint_best.pth
-    when `best_metric` improves, checkpoint_last.pth (and checkpoint_XX.pth if asked), and
-    one JSON line in log.txt. Finally `test(model)` runs with the best weights and its
-    metrics go to test_results.txt with the evaluation `protocol`.
+    After each epoch: report unreadable inputs, write checkpoint_last.pth (before any
+    validation data is read, so a failing validation set cannot lose the epoch), then
+    `EpochEnd`: validation, checkpoint_best.pth, log.txt. A resume whose last epoch was
+    saved but not logged finishes that epoch first. Finally `test(model)` runs with the best
+    weights and its metrics go to test_results.txt with the evaluation `protocol`.
     """
     args, config = run.args, run.config
     wrapped = wrap_distributed(model, run.device)
@@ -42,24 +46,71 @@ def fit(run: Run, model: torch.nn.Module, train_loader, compute_losses, schedule
     resume = checkpointer.resume(args.checkpoint)
     options = LoopOptions.from_args(args, run.seed)
     experiment_logger = ExperimentLogger(run.output_dir, config, args.tensorboard, args.wandb)
-    for epoch in range(resume.epoch if resume else 0, value(config, "max_epoch")):
+    finish = EpochEnd(run, model, checkpointer, experiment_logger, validate, best_metric, checkpoint_every_epoch)
+    start = resume.epoch if resume else 0
+    own_checkpoint = args.checkpoint is None or Path(args.checkpoint).resolve() == (
+        run.output_dir / "checkpoint_last.pth").resolve()
+    if (resume is not None and own_checkpoint and resume.finished_epoch_stats is not None
+            and not _was_logged(run.output_dir, start - 1)):
+        print(f"epoch {start - 1} was trained and saved but not logged: validating it now")
+        finish(start - 1, resume.finished_epoch_stats)
+    for epoch in range(start, value(config, "max_epoch")):
         stats = train_one_epoch(wrapped, train_loader, optimizer, epoch, compute_losses, run.precision,
                                 options, lr_schedule, checkpointer, resume, experiment_logger)
         report_bad_inputs(bad_input_datasets, epoch)
-        val = validate(model, epoch) if validate is not None else {}
-        if best_metric is not None and best_metric in val and (
-                checkpointer.best_metric is None or val[best_metric] > checkpointer.best_metric):
-            checkpointer.best_metric = val[best_metric]
-            checkpointer.save("checkpoint_best.pth", epoch, epoch_complete=True)
-        if checkpoint_every_epoch:
-            checkpointer.save(f"checkpoint_{epoch:02d}.pth", epoch, epoch_complete=True)
-        checkpointer.save("checkpoint_last.pth", epoch, epoch_complete=True)
-        log_epoch(run.output_dir, epoch, train=stats, val=val)
-        experiment_logger.log({f"val/{name}": value for name, value in val.items()
-                               if isinstance(value, (int, float))}, checkpointer.global_step)
+        checkpointer.save("checkpoint_last.pth", epoch, epoch_complete=True, epoch_stats=stats)
+        finish(epoch, stats)
     experiment_logger.close()
     if test is not None:
         test_best_weights(run, model, test, protocol or {}, best_metric, checkpointer.best_metric)
+
+
+def _was_logged(output_dir: Path, epoch: int) -> bool:
+    """Whether log.txt has the line of `epoch` (the last thing an epoch writes), decided on
+    rank 0 so every rank agrees."""
+    logged = None
+    if is_main_process():
+        log = output_dir / "log.txt"
+        lines = log.read_text().splitlines() if log.is_file() else []
+        logged = any(_epoch_of(line) == epoch for line in lines)
+    return gather_objects(logged)[0]
+
+
+def _epoch_of(line: str) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("epoch") if isinstance(record, dict) else None
+
+
+@dataclass
+class EpochEnd:
+    """What follows an epoch's training (and its checkpoint_last.pth): validate, keep the
+    best, per-epoch checkpoints, the log.txt line."""
+    run: Run
+    model: torch.nn.Module
+    checkpointer: Checkpointer
+    experiment_logger: ExperimentLogger
+    validate: Callable[[torch.nn.Module, int], dict] | None
+    best_metric: str | None
+    checkpoint_every_epoch: bool
+
+    def __call__(self, epoch: int, stats: dict) -> None:
+        checkpointer = self.checkpointer
+        val = self.validate(self.model, epoch) if self.validate is not None else {}
+        best = self.best_metric
+        if best is not None and best in val and (checkpointer.best_metric is None
+                                                 or val[best] > checkpointer.best_metric):
+            checkpointer.best_metric = val[best]
+            checkpointer.save("checkpoint_best.pth", epoch, epoch_complete=True, epoch_stats=stats)
+            # Again, so that a resume from checkpoint_last.pth knows the new best.
+            checkpointer.save("checkpoint_last.pth", epoch, epoch_complete=True, epoch_stats=stats)
+        if self.checkpoint_every_epoch:
+            checkpointer.save(f"checkpoint_{epoch:02d}.pth", epoch, epoch_complete=True, epoch_stats=stats)
+        log_epoch(self.run.output_dir, epoch, train=stats, val=val)  # last: marks the epoch finished
+        self.experiment_logger.log({f"val/{name}": value for name, value in val.items()
+                                    if isinstance(value, (int, float))}, checkpointer.global_step)
 
 
 def test_best_weights(run: Run, model: torch.nn.Module, test: Callable[[torch.nn.Module], dict], protocol: dict,

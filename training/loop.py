@@ -1,6 +1,7 @@
 """One training epoch: accumulation, AMP, clipping, mid-epoch checkpoints and exact resumption."""
 import argparse
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -60,14 +61,23 @@ def _epoch_batches(loaders, epoch: int, skip: int, options: LoopOptions, resume:
     if options.seed is not None:
         seed_everything(seed_for_rank(options.seed, epoch))
     for each in loaders:
-        for sampler in (each.sampler, getattr(each.batch_sampler, "sampler", None)):
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
+        # Datasets with set_epoch draw each sample's randomness from (seed, epoch, rank, index),
+        # so a resumed epoch, whose batches go to other workers, decodes the same clips.
+        for target in (each.sampler, getattr(each.batch_sampler, "sampler", None), each.dataset):
+            if hasattr(target, "set_epoch"):
+                target.set_epoch(epoch)
     iterators = [_batches_after(each, skip) for each in loaders]
     if skip and resume.rng_state is not None:
         # Restored after the iterators exist: building them draws from the RNG.
         set_rng_state(resume.rng_state)
     return iterators[0] if len(iterators) == 1 else zip(*iterators)
+
+
+def _stop_after_step() -> int:
+    """Failure injection for tests, not for users: TESTA_STOP_AFTER_STEP=N ends the process
+    with os._exit(137), as a kill would (no clean-up, no atexit), right after global optimiser
+    step N and its mid-epoch checkpoint when one is due (tests/test_reliability_training.py)."""
+    return int(os.environ.get("TESTA_STOP_AFTER_STEP") or 0)
 
 
 def _optimizer_step(optimizer, parameters, precision: Precision, max_grad_norm: float | None,
@@ -83,6 +93,25 @@ def _optimizer_step(optimizer, parameters, precision: Precision, max_grad_norm: 
     optimizer.zero_grad(set_to_none=True)
 
 
+def _after_update(epoch: int, batches_done: int, total: int, update_index: int, global_step: int, options: LoopOptions,
+                  metric_logger: MetricLogger, checkpointer, experiment_logger, stop_after: int) -> None:
+    """After an optimiser step: scalars to tensorboard/wandb, the mid-epoch checkpoint when due
+    (with the running averages, so a resumed epoch reports the same averages), and the
+    failure-injection stop."""
+    if experiment_logger is not None and (update_index + 1) % options.log_every == 0:
+        experiment_logger.log({f"train/{name}": meter.value
+                               for name, meter in metric_logger.meters.items()}, global_step)
+    if checkpointer is not None:
+        checkpointer.global_step = global_step
+        # The epoch's end is saved by fit, with the epoch marked complete.
+        if options.save_every_steps > 0 and batches_done < total and (update_index + 1) % options.save_every_steps == 0:
+            checkpointer.save("checkpoint_last.pth", epoch, step_in_epoch=batches_done,
+                              meters=metric_logger.state_dict())
+    if global_step == stop_after:
+        print(f"TESTA_STOP_AFTER_STEP: stopping after optimiser step {global_step}", flush=True)
+        os._exit(137)
+
+
 def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precision: Precision,
                     options: LoopOptions | None = None, lr_schedule=None, checkpointer=None,
                     resume: ResumePoint | None = None, experiment_logger=None) -> dict:
@@ -96,10 +125,12 @@ def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precis
     of micro-batches in the group and the optimiser steps once per group (DDP gradient sync
     only on the last). `lr_schedule(epoch, optimiser_step)` sets the lr before each step.
     When `resume` is for this epoch, its first `resume.skip_batches` batches are skipped and
-    the RNG state saved with them is restored, so the loss curve continues exactly.
+    the RNG state and running averages saved with them are restored, so the loss curve and
+    the epoch's averages continue exactly.
 
     Exact resumption needs the sampler's order to depend only on (seed, epoch), as with
-    DistributedSampler; randomness inside data-loader workers is not replayed exactly.
+    DistributedSampler, and, with data-loader workers, each sample's randomness to depend
+    only on its index and the epoch (datasets with `set_epoch`).
     """
     options = options or LoopOptions()
     loaders = tuple(loader) if isinstance(loader, (list, tuple)) else (loader,)
@@ -113,10 +144,13 @@ def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precis
     device = parameters[0].device
     metric_logger = MetricLogger()
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    if skip and resume.meters is not None:
+        metric_logger.load_state_dict(resume.meters)  # the epoch's averages cover every batch
+    stop_after = _stop_after_step()
     optimizer.zero_grad(set_to_none=True)
     header = f"Train epoch: [{epoch}]"
-    for index, batch in enumerate(metric_logger.log_every(batches, options.log_every, header,
-                                                          total=total - skip), start=skip):
+    for index, batch in enumerate(metric_logger.log_every(batches, options.log_every, header, total=total,
+                                                          start=skip), start=skip):
         group_start = index - index % accumulation
         group_size = min(accumulation, total - group_start)
         is_update = index + 1 == group_start + group_size
@@ -135,15 +169,8 @@ def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precis
         if not is_update:
             continue
         _optimizer_step(optimizer, parameters, precision, options.max_grad_norm, metric_logger)
-        global_step = epoch * updates_per_epoch + update_index + 1
-        if experiment_logger is not None and (update_index + 1) % options.log_every == 0:
-            experiment_logger.log({f"train/{name}": meter.value
-                                   for name, meter in metric_logger.meters.items()}, global_step)
-        if checkpointer is not None:
-            checkpointer.global_step = global_step
-            if (options.save_every_steps > 0 and index + 1 < total
-                    and (update_index + 1) % options.save_every_steps == 0):
-                checkpointer.save("checkpoint_last.pth", epoch, step_in_epoch=index + 1)
+        _after_update(epoch, index + 1, total, update_index, epoch * updates_per_epoch + update_index + 1,
+                      options, metric_logger, checkpointer, experiment_logger, stop_after)
     metric_logger.synchronize_between_processes()
     print(f"Averaged stats: {metric_logger}")
     return metric_logger.global_averages()

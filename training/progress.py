@@ -39,6 +39,15 @@ class SmoothedValue:
     def __str__(self) -> str:
         return self.fmt.format(median=self.median, global_avg=self.global_avg, value=self.value)
 
+    def state_dict(self) -> dict:
+        """Plain data for a mid-epoch checkpoint: a resumed epoch continues the same averages."""
+        return {"count": self.count, "total": self.total, "window": list(self.window)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.total = int(state["count"]), float(state["total"])
+        self.window.clear()
+        self.window.extend(state["window"])
+
 
 def _format_seconds(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(seconds)))
@@ -69,26 +78,38 @@ class MetricLogger:
         for name, (count, total) in zip(names, totals.tolist()):
             self.meters[name].count, self.meters[name].total = int(count), total
 
+    def state_dict(self) -> dict:
+        return {name: meter.state_dict() for name, meter in self.meters.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the meters of `state` (meters added beforehand keep their window size and format)."""
+        for name, meter_state in state.items():
+            self.meters[name].load_state_dict(meter_state)
+
     def global_averages(self) -> dict:
         return {name: meter.global_avg for name, meter in self.meters.items()}
 
     def __str__(self) -> str:
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
-    def log_every(self, iterable, print_freq: int, header: str = "", total: int | None = None):
-        """Yield from `iterable`, printing progress every `print_freq` items and at the end."""
-        total = len(iterable) if total is None else total
+    def log_every(self, iterable, print_freq: int, header: str = "", total: int | None = None, start: int = 0):
+        """Yield from `iterable`, printing progress every `print_freq` items and at the end.
+
+        `start`: items done before `iterable` begins (a resumed epoch), so the lines count
+        positions in the whole epoch of `total` items, as an uninterrupted run prints them.
+        """
+        total = len(iterable) + start if total is None else total
         width = len(str(total))
-        start = time.time()
+        began = time.time()
         for index, item in enumerate(iterable):
             yield item
-            done = index + 1
+            done = start + index + 1
             if done % print_freq == 0 or done == total:
-                elapsed = time.time() - start
-                rate = done / max(elapsed, 1e-9)
+                elapsed = time.time() - began
+                rate = (index + 1) / max(elapsed, 1e-9)
                 eta = (total - done) / rate
                 memory = (f"  max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB"
                           if torch.cuda.is_available() else "")
                 print(f"{header} [{done:>{width}}/{total}]  eta: {_format_seconds(eta)}  "
                       f"{rate:.2f} it/s  {self}{memory}", flush=True)
-        print(f"{header} total time: {_format_seconds(time.time() - start)}", flush=True)
+        print(f"{header} total time: {_format_seconds(time.time() - began)}", flush=True)
