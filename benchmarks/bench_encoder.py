@@ -128,9 +128,9 @@ def forward_closure(encoder, video, device, precision):
     return forward
 
 
-def measure_frames(args, device, frames, merging_values, precisions, batches):
-    """Rows for every (merging, precision, batch) at `frames`. All of them, and a 2048^2 matmul
-    per precision, are timed in interleaved rounds, so ratios between them are side by side."""
+def build_forwards(args, device, frames, merging_values, precisions, batches):
+    """Encoders by merging, and a forward closure, its input video and (with --compile) its
+    compile time for every (merging, precision, batch)."""
     encoders, forwards, videos, compile_s = {}, {}, {}, {}
     for merging in merging_values:
         torch.manual_seed(0)
@@ -150,6 +150,12 @@ def measure_frames(args, device, frames, merging_values, precisions, batches):
                     common.synchronize(device)
                     compile_s[key] = time.perf_counter() - began
                     print(f'compiled {key} in {compile_s[key]:.0f} s', flush=True)
+    return encoders, forwards, videos, compile_s
+
+
+def time_with_matmuls(args, device, frames, forwards, precisions):
+    """Timings of the forwards and of a 2048^2 matmul per precision, in the same interleaved
+    rounds; the matmul rates in GFLOP/s; the 1-minute load average before and after."""
     functions = {('matmul', precision): common.matmul_closure(device, precision) for precision in precisions}
     functions.update(forwards)
     load_before = os.getloadavg()[0]
@@ -159,33 +165,49 @@ def measure_frames(args, device, frames, merging_values, precisions, batches):
              for precision in precisions}
     print(f'{frames} frames: matmul GFLOP/s in the same rounds:', {k: round(v, 1) for k, v in rates.items()},
           flush=True)
+    return timings, rates, [round(load_before, 2), round(load_after, 2)]
 
+
+def encoder_gmacs(encoder, frames, img_size, device, precision):
+    with torch.inference_mode(), common.autocast(device, precision):
+        return common.count_gmacs(lambda: encoder(make_video(1, frames, img_size, device)))
+
+
+def timing_row(args, frames, key, tokens_out, gmacs, timing, matmul_rate, load_average):
+    merging, precision, batch = key
+    achieved = 2 * gmacs * batch / timing['median_s']
+    return dict(frames=frames, merging='on' if merging else 'off', precision=precision, batch=batch,
+                tokens_in=1 + (args.img_size // args.patch_size) ** 2 * frames, tokens_out=tokens_out,
+                gmacs_per_clip=gmacs, median_s=timing['median_s'], min_s=timing['min_s'],
+                median_cpu_s=timing['median_cpu_s'],
+                times_s=timing['times_s'], clips_per_s=batch / timing['median_s'], gflops_per_s=achieved,
+                matmul_gflops_per_s=matmul_rate, frac_matmul=achieved / matmul_rate,
+                load_average_1min=load_average)
+
+
+def measure_frames(args, device, frames, merging_values, precisions, batches):
+    """Rows for every (merging, precision, batch) at `frames`. All of them, and a 2048^2 matmul
+    per precision, are timed in interleaved rounds, so ratios between them are side by side."""
+    encoders, forwards, videos, compile_s = build_forwards(args, device, frames, merging_values, precisions, batches)
+    timings, rates, load_average = time_with_matmuls(args, device, frames, forwards, precisions)
     rows, gmacs, outputs = [], {}, {}
-    for (merging, precision, batch), forward in forwards.items():
-        timing = timings[(merging, precision, batch)]
+    for key, forward in forwards.items():
+        merging, precision, batch = key
         usage_before = resource.getrusage(resource.RUSAGE_SELF)
         output = forward()
         usage_after = resource.getrusage(resource.RUSAGE_SELF)
         if merging not in gmacs:
             # Multiply-adds depend on the shapes only (the schedule fixes every token count),
             # so one count per encoder serves every precision and batch size.
-            with torch.inference_mode(), common.autocast(device, precision):
-                gmacs[merging] = common.count_gmacs(
-                    lambda: encoders[merging](make_video(1, frames, args.img_size, device)))
-        achieved = 2 * gmacs[merging] * batch / timing['median_s']
-        row = dict(frames=frames, merging='on' if merging else 'off', precision=precision, batch=batch,
-                   tokens_in=1 + (args.img_size // args.patch_size) ** 2 * frames, tokens_out=output.shape[1],
-                   gmacs_per_clip=gmacs[merging], median_s=timing['median_s'], min_s=timing['min_s'],
-                   median_cpu_s=timing['median_cpu_s'],
-                   times_s=timing['times_s'], clips_per_s=batch / timing['median_s'], gflops_per_s=achieved,
-                   matmul_gflops_per_s=rates[precision], frac_matmul=achieved / rates[precision],
-                   load_average_1min=[round(load_before, 2), round(load_after, 2)])
+            gmacs[merging] = encoder_gmacs(encoders[merging], frames, args.img_size, device, precision)
+        row = timing_row(args, frames, key, output.shape[1], gmacs[merging], timings[key], rates[precision],
+                         load_average)
         if device.type == 'cpu':  # one more forward after the timed ones: what the allocator costs
             row.update(minor_page_faults=usage_after.ru_minflt - usage_before.ru_minflt,
                        system_s=usage_after.ru_stime - usage_before.ru_stime)
         if args.compile:
-            eager = forward_closure(encoders[merging], videos[(merging, precision, batch)], device, precision)()
-            row.update(compile_s=compile_s[(merging, precision, batch)],
+            eager = forward_closure(encoders[merging], videos[key], device, precision)()
+            row.update(compile_s=compile_s[key],
                        max_abs_diff_vs_eager=(output.float() - eager.float()).abs().max().item())
         if precision == 'fp32':
             outputs[(merging, batch)] = output
@@ -196,7 +218,7 @@ def measure_frames(args, device, frames, merging_values, precisions, batches):
             row['bookkeeping_share'] = profile['share']
             row['profile'] = profile
         rows.append(row)
-        print({key: value for key, value in row.items() if key not in ('profile', 'times_s')}, flush=True)
+        print({name: value for name, value in row.items() if name not in ('profile', 'times_s')}, flush=True)
     return rows
 
 
@@ -265,7 +287,7 @@ def count_only(args, device, merging_values, precision, info):
     common.write_json(args.out, dict(machine=info, args=vars(args), rows=rows))
 
 
-def main():
+def parse_args():
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument('--frames', default='8,32', help='comma list, e.g. 8,32,96')
     parser.add_argument('--merging', default='off,on', help='comma list of off/on')
@@ -297,21 +319,41 @@ def main():
     parser.add_argument('--heads', type=int, default=BASE_WIDTH['num_heads'])
     parser.add_argument('--img_size', type=int, default=BASE_WIDTH['img_size'])
     parser.add_argument('--patch_size', type=int, default=BASE_WIDTH['patch_size'])
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    device = torch.device(args.device)
+
+def configure_torch(args, device):
     if args.compile and device.type == 'cpu':
         import torch._inductor.config as inductor_config
         inductor_config.freezing = True
     if args.threads:
         torch.set_num_threads(args.threads)
-    precisions = common.parse_list(args.precision) if args.precision else \
-        (['fp32', 'bf16', 'fp16'] if device.type == 'cuda' else ['fp32', 'bf16'])
-    merging_values = []
-    for value in common.parse_list(args.merging):
+
+
+def merging_values_from(text):
+    values = []
+    for value in common.parse_list(text):
         if value not in ('off', 'on'):
             raise ValueError(f"--merging takes off/on, got {value!r}")
-        merging_values.append(value == 'on')
+        values.append(value == 'on')
+    return values
+
+
+def print_forward_table(rows):
+    common.print_table(rows, ['frames', 'merging', 'precision', 'batch', 'tokens_in', 'tokens_out',
+                              'gmacs_per_clip', 'median_s', 'min_s', 'median_cpu_s', 'clips_per_s', 'gflops_per_s', 'frac_matmul',
+                              'merge_speedup', 'speedup_vs_fp32', 'cos_vs_fp32', 'bookkeeping_share', 'compile_s',
+                              'minor_page_faults'],
+                       title='video encoder forward (GMACs = multiply-adds; GFLOP/s = 2 per multiply-add)')
+
+
+def main():
+    args = parse_args()
+    device = torch.device(args.device)
+    configure_torch(args, device)
+    precisions = common.parse_list(args.precision) if args.precision else \
+        (['fp32', 'bf16', 'fp16'] if device.type == 'cuda' else ['fp32', 'bf16'])
+    merging_values = merging_values_from(args.merging)
     args.testa_r = common.parse_list(args.testa_r, int) if args.testa_r else None
     for precision in precisions:
         common.check_precision(precision, device)
@@ -327,11 +369,7 @@ def main():
     for frames in common.parse_list(args.frames, int):
         rows += measure_frames(args, device, frames, merging_values, precisions, common.parse_list(args.batch, int))
     add_ratios(rows)
-    common.print_table(rows, ['frames', 'merging', 'precision', 'batch', 'tokens_in', 'tokens_out',
-                              'gmacs_per_clip', 'median_s', 'min_s', 'median_cpu_s', 'clips_per_s', 'gflops_per_s', 'frac_matmul',
-                              'merge_speedup', 'speedup_vs_fp32', 'cos_vs_fp32', 'bookkeeping_share', 'compile_s',
-                              'minor_page_faults'],
-                       title='video encoder forward (GMACs = multiply-adds; GFLOP/s = 2 per multiply-add)')
+    print_forward_table(rows)
     if device.type == 'cpu':
         info['peak_rss_mib'] = common.peak_memory_mib(device)
     checks = target_checks(args, rows)
@@ -340,7 +378,6 @@ def main():
                                      schedules={str(frames): schedule_for(frames, args.testa_r)
                                                 for frames in common.parse_list(args.frames, int)},
                                      rows=rows, checks=checks))
-
 
 if __name__ == '__main__':
     main()

@@ -13,109 +13,25 @@ Comparison target: the best configuration >= 1.3x the clips/s of the eager fp16
 math-attention path (autocast fp16, sdpa_kernel(MATH)).
 """
 import argparse
-import contextlib
-import gc
 import json
 import os
 import subprocess
 import sys
 import time
-import traceback
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
 from bench_encoder import BASE_WIDTH, build_encoder, make_video
+from gpu_harness import BACKENDS, Report, attention_ops, forward_closure, free_memory, measure
 
 SMOKE_WIDTH = dict(embed_dim=64, depth=2, num_heads=2, img_size=32, patch_size=16)
-BACKENDS = {'math': SDPBackend.MATH, 'efficient': SDPBackend.EFFICIENT_ATTENTION,
-            'flash': SDPBackend.FLASH_ATTENTION, 'cudnn': SDPBackend.CUDNN_ATTENTION}
 
 
 def baseline_for(device):
     """The reference path: eager autocast fp16 with math attention (bf16 where fp16 is not
     benchmarked, i.e. the CPU smoke run)."""
     return ('fp16' if device.type == 'cuda' else 'bf16', 'math')
-
-
-class Report:
-    """Results by section, saved as JSON after each one, with a global time budget."""
-
-    def __init__(self, path, budget_s):
-        self.path, self.start, self.budget_s = path, time.perf_counter(), budget_s
-        self.data = {'sections': {}}
-
-    def elapsed(self):
-        return time.perf_counter() - self.start
-
-    def save(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with open(self.path, 'w') as handle:
-            json.dump(self.data, handle, indent=2, default=str)
-
-    @contextlib.contextmanager
-    def section(self, name, needs_s=0):
-        entry = self.data['sections'].setdefault(name, {})
-        if self.elapsed() + needs_s > self.budget_s:
-            entry['skipped'] = f'time budget: {self.elapsed():.0f} s used of {self.budget_s} s'
-            print(f'[{self.elapsed():6.1f}s] skip {name}: {entry["skipped"]}', flush=True)
-            self.save()
-            yield None
-            return
-        print(f'[{self.elapsed():6.1f}s] {name} ...', flush=True)
-        begin = time.perf_counter()
-        try:
-            yield entry
-        except Exception as error:  # keep going: one broken section must not lose the others
-            entry['error'] = f'{type(error).__name__}: {error}'
-            entry['traceback'] = traceback.format_exc(limit=6)
-            print(f'  {name} failed: {entry["error"]}', flush=True)
-        entry['section_s'] = round(time.perf_counter() - begin, 1)
-        free_memory()
-        self.save()
-
-
-def attention_ops(forward):
-    """Names of the attention ops one forward dispatched to (e.g. _scaled_dot_product_flash_attention),
-    so each backend row shows which kernel really ran; empty if the encoder never calls SDPA."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        forward()
-    return sorted({event.key for event in profiler.key_averages()
-                   if 'attention' in event.key or 'scaled_dot_product' in event.key})
-
-
-def free_memory():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def is_oom(error):
-    return isinstance(error, torch.cuda.OutOfMemoryError) or 'out of memory' in str(error).lower()
-
-
-def forward_closure(encoder, video, device, precision, backend=None):
-    def forward():
-        kernel = sdpa_kernel(BACKENDS[backend]) if backend else contextlib.nullcontext()
-        with torch.inference_mode(), common.autocast(device, precision), kernel:
-            return encoder(video)
-    return forward
-
-
-def measure(forward, device, batch, runs, warmup):
-    """clips/s and peak memory of `forward`, or {'oom': True} when it does not fit."""
-    try:
-        common.reset_peak_memory(device)
-        timing = common.time_call(forward, device, runs=runs, warmup=warmup)
-    except RuntimeError as error:
-        if not is_oom(error):
-            raise
-        free_memory()
-        return {'batch': batch, 'oom': True}
-    return {'batch': batch, 'median_ms': round(timing['median_s'] * 1e3, 3),
-            'clips_per_s': round(batch / timing['median_s'], 2),
-            'peak_mib': round(common.peak_memory_mib(device), 1)}
 
 
 def precisions_for(device):
@@ -339,7 +255,7 @@ def summarise(report, args, device):
     print('summary', json.dumps(summary, indent=1), flush=True)
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--out_dir', default=os.environ.get('OUT', '.'))
@@ -371,16 +287,12 @@ def main():
     args.search_batches = [1, 2, 4] if smoke else [1, 16, 64, 128, 256, 512, 1024]
     if smoke:
         args.runs, args.warmup = min(args.runs, 2), min(args.warmup, 1)
-    size = SMOKE_WIDTH if smoke else BASE_WIDTH
     # 2 frames have no published schedule: merge 1 frame (capped to 0 at 2 frames) and 1 patch per block.
-    args.testa_r = [1, 1] * size['depth'] if smoke else None
-    device = torch.device(args.device)
-    os.makedirs(args.out_dir, exist_ok=True)
-    if args.compile_worker:
-        compile_worker(args, device, size)
-        return
+    args.testa_r = [1, 1] * SMOKE_WIDTH['depth'] if smoke else None
+    return args
 
-    report = Report(os.path.join(args.out_dir, 'gpu_check.json'), args.budget_s)
+
+def section_machine(report, args, device, size):
     with report.section('machine') as entry:
         entry.update(common.machine_info(device))
         entry['args'] = vars(args)
@@ -388,6 +300,10 @@ def main():
         entry['matmul_gflops_per_s'] = {key: round(value, 1) for key, value in
                                         common.reference_rates(device, precisions_for(device)).items()}
         print('  ', entry, flush=True)
+
+
+def section_build_encoders(report, args, device, size):
+    """Merged (True) and unmerged (False) encoders; fewer if the section failed part way."""
     encoders = {}
     with report.section('build_encoders') as entry:
         for merging in (True, False):
@@ -400,6 +316,21 @@ def main():
         for merging, encoder in encoders.items():
             with torch.inference_mode():
                 entry['gmacs_per_clip'][str(merging)] = round(common.count_gmacs(lambda: encoder(video)), 4)
+    return encoders
+
+
+def main():
+    args = parse_args()
+    size = SMOKE_WIDTH if args.smoke else BASE_WIDTH
+    device = torch.device(args.device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.compile_worker:
+        compile_worker(args, device, size)
+        return
+
+    report = Report(os.path.join(args.out_dir, 'gpu_check.json'), args.budget_s)
+    section_machine(report, args, device, size)
+    encoders = section_build_encoders(report, args, device, size)
     if len(encoders) == 2:
         section_precision(report, args, device, size, encoders)
         section_backends(report, args, device, size, encoders[True])
@@ -411,7 +342,6 @@ def main():
     report.data['total_s'] = round(report.elapsed(), 1)
     report.save()
     print(f'done in {report.elapsed():.0f} s; wrote {report.path}', flush=True)
-
 
 if __name__ == '__main__':
     main()
