@@ -34,6 +34,17 @@ def keep_freed_cpu_memory() -> bool:
         return False
 
 
+def process_is_running(pid: int) -> bool:
+    """Whether process `pid` exists on this host (signal 0 checks without signalling)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA) for this process."""
     random.seed(seed)

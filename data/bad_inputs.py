@@ -20,6 +20,8 @@ import tempfile
 import threading
 import weakref
 
+from utils import process_is_running
+
 PREFIX = "testa_bad_inputs_"
 _owned = {}  # folder -> owner pid, for the SIGTERM handler
 
@@ -30,21 +32,11 @@ def _remove_folder(folder, owner_pid):
         _owned.pop(folder, None)
 
 
-def _pid_running(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def remove_stale_folders(root=None):
     """Remove the folders of owners that are no longer running (killed before they could clean up)."""
     for folder in glob.glob(os.path.join(root or tempfile.gettempdir(), PREFIX + "*")):
         pid = os.path.basename(folder)[len(PREFIX):].split("_")[0]
-        if pid.isdigit() and not _pid_running(int(pid)):
+        if pid.isdigit() and not process_is_running(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
 
 

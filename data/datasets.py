@@ -219,7 +219,6 @@ class RetrievalEvalDataset(ClipDataset):
 
 
 def build_retrieval(config, name, split="train", reader=None, clean_caption=None, **options):
-    config_value(config, "video_root", name)
     pairs = reader(config_value(config, "ann_root", name), split)
     if split == "train":
         return RetrievalTrainDataset(config, name, pairs, clean_caption, **options)
@@ -232,7 +231,6 @@ class VideoQADataset(ClipDataset):
     evaluation; `.answers` and `.question_types` map question_id to ground truth."""
 
     def __init__(self, config, name, split="train", **options):
-        config_value(config, "video_root", name)
         super().__init__(config, name, train=split == "train", **options)
         ann_root = Path(config_value(config, "ann_root", name))
         questions = read_json(ann_root / f"{split}_q.json", f"{name} questions")

@@ -71,15 +71,12 @@ def create_split_loaders(name, config, splits, num_tasks, global_rank, seed=0, t
                          pin_memory=True):
     """Datasets and loaders of `splits` of dataset `name`, keyed by split: shuffled training
     ('train', batch_size_train) and sharded evaluation (batch_size_test). Config keys such as
-    substitute_black_on_error reach the datasets through `config`; the training items'
-    randomness follows (seed, global_rank) like the sampler (see ClipDataset)."""
+    substitute_black_on_error reach the datasets through `config`, and the training items'
+    randomness follows the config's seed and the process rank (see ClipDataset)."""
     from .datasets import create_dataset
 
     datasets = [create_dataset(name, config, split) for split in splits]
     is_train = [split == "train" for split in splits]
-    for dataset, train in zip(datasets, is_train):
-        if train:
-            dataset.set_seed(seed, global_rank)
     batch_sizes = [value(config, "batch_size_train" if train else "batch_size_test", name) for train in is_train]
     samplers = create_sampler(datasets, is_train, num_tasks, global_rank, seed, batch_sizes)
     loaders = create_loader(datasets, samplers, batch_sizes, [value(config, "num_workers")] * len(splits), is_train,

@@ -74,32 +74,26 @@ def test_broken_jsonl_line_names_file_and_its_line(corpus, tmp_path):
     one_error_line(result, f"{ann / 'val.jsonl'}, line 3, column", "not valid JSON")
 
 
-def test_broken_activitynet_json_names_file_line_and_column(corpus, tmp_path):
+def broken_json_command(script, corpus, ann, out):
+    """The script reading the broken file, with the toy corpus and the copied annotations."""
+    if script == "activitynet":
+        return "train_video_retrieval.py", retrieval_args(corpus, out, f"ann_root={ann}", "dataset=retrieval_activitynet")
+    if script == "qa":
+        return "train_video_qa.py", ["--config", "configs/toy/qa.yaml", "--output_dir", out,
+                                     f"video_root={corpus}/videos", f"ann_root={ann}", *SMALL]
+    return "video_pretrain.py", ["--config", "configs/toy/pretrain.yaml", "--output_dir", out, f"video_root={corpus}",
+                                 f"train_file=[{ann}/pretrain.json]", *SMALL]
+
+
+@pytest.mark.parametrize("script, name, line", [("activitynet", "train.json", 4), ("qa", "train_q.json", 5),
+                                                ("pretrain", "pretrain.json", 2)])
+def test_broken_json_names_file_line_and_column(corpus, tmp_path, script, name, line):
     ann = copy_annotations(corpus, tmp_path)
-    rewrite_indented(ann / "train.json")
-    break_line(ann / "train.json", 4)
-    result = run_script("train_video_retrieval.py",
-                        *retrieval_args(corpus, tmp_path / "out", f"ann_root={ann}", "dataset=retrieval_activitynet"),
-                        check=False)
-    one_error_line(result, f"{ann / 'train.json'}, line 4, column")
-
-
-def test_broken_qa_json_names_file_and_line(corpus, tmp_path):
-    ann = copy_annotations(corpus, tmp_path)
-    rewrite_indented(ann / "train_q.json")
-    break_line(ann / "train_q.json", 5)
-    result = run_script("train_video_qa.py", "--config", "configs/toy/qa.yaml", "--output_dir", tmp_path / "out",
-                        f"video_root={corpus}/videos", f"ann_root={ann}", *SMALL, check=False)
-    one_error_line(result, f"{ann / 'train_q.json'}, line 5, column")
-
-
-def test_broken_pretraining_json_names_file_and_line(corpus, tmp_path):
-    ann = copy_annotations(corpus, tmp_path)
-    rewrite_indented(ann / "pretrain.json")
-    break_line(ann / "pretrain.json", 2)
-    result = run_script("video_pretrain.py", "--config", "configs/toy/pretrain.yaml", "--output_dir", tmp_path / "out",
-                        f"video_root={corpus}", f"train_file=[{ann}/pretrain.json]", *SMALL, check=False)
-    one_error_line(result, f"{ann / 'pretrain.json'}, line 2, column")
+    rewrite_indented(ann / name)
+    break_line(ann / name, line)
+    program, args = broken_json_command(script, corpus, ann, tmp_path / "out")
+    result = run_script(program, *args, check=False)
+    one_error_line(result, f"{ann / name}, line {line}, column")
 
 
 def test_readers_report_line_column_and_layout(tmp_path):

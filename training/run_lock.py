@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from training.errors import UserError
+from utils import process_is_running
 
 LOCK_NAME = ".lock"
 
@@ -33,17 +34,6 @@ def _read(path: Path) -> dict:
         return owner if isinstance(owner, dict) else {}
     except (OSError, ValueError):
         return {}
-
-
-def _process_is_gone(pid) -> bool:
-    """Whether no process `pid` exists on this host (signal 0 checks without signalling)."""
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError, TypeError, OverflowError):
-        return False  # someone else's process, or an unreadable pid: assume it runs
-    return False
 
 
 def _try_create(path: Path, owner: dict) -> bool:
@@ -73,7 +63,8 @@ def acquire_run_lock(output_dir) -> Path:
             atexit.register(release_run_lock, path)
             return path
         held = _read(path)
-        if held.get("host") == owner["host"] and "pid" in held and _process_is_gone(held["pid"]):
+        pid = held.get("pid")
+        if held.get("host") == owner["host"] and isinstance(pid, int) and not process_is_running(pid):
             print(f"{output_dir}: the run that held {path.name} (host {held['host']}, pid {held['pid']}) "
                   "is gone; taking the folder over", flush=True)
             # Not guarded: two runs taking over the same stale lock within the same
