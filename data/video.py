@@ -3,6 +3,7 @@
 Readers return the sampled frames as a uint8 tensor laid out (T, C, H, W), the layout the
 transforms and the batch interface use.
 """
+import io
 import random
 import sys
 
@@ -133,7 +134,7 @@ def sample_frame_indices(vlen, num_frm, strategy="uniform", rng=None, start=None
 
 def _decord_read(path, num_frm, strategy, size, rng, start, end):
     kwargs = {"width": size, "height": size} if size else {}
-    reader = decord.VideoReader(str(path), num_threads=_decode_threads, **kwargs)
+    reader = decord.VideoReader(path if hasattr(path, "read") else str(path), num_threads=_decode_threads, **kwargs)
     indices = sample_frame_indices(len(reader), num_frm, strategy, rng, start, end, reader.get_avg_fps())
     frames = reader.get_batch(indices).asnumpy()
     return torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()
@@ -141,7 +142,7 @@ def _decord_read(path, num_frm, strategy, size, rng, start, end):
 
 def _pyav_read(path, num_frm, strategy, size, rng, start, end):
     import av  # the fallback reader: loaded only when a file needs it
-    with av.open(str(path)) as container:
+    with av.open(path if hasattr(path, "read") else str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_count = _decode_threads
         fps = float(stream.average_rate or 0) or None
@@ -165,11 +166,14 @@ def _pyav_read(path, num_frm, strategy, size, rng, start, end):
     return torch.from_numpy(np.stack([decoded[i] for i in indices])).permute(0, 3, 1, 2).contiguous()
 
 
-def read_video(path, num_frm, strategy="uniform", size=None, rng=None, start=None, end=None, backend=None):
+def read_video(path, num_frm, strategy="uniform", size=None, rng=None, start=None, end=None, backend=None,
+               name=None):
     """Decode `num_frm` sampled frames of `path`, resized to size x size when `size` is set.
 
-    backend: None tries decord then PyAV (for files decord rejects); 'decord' or 'pyav' forces one.
-    Raises VideoReadError naming the path when no reader can decode the file.
+    path: a file path, or the encoded file's bytes (a video read from a tar shard); `name`
+    then says which video it is in errors. backend: None tries decord then PyAV (for files
+    decord rejects); 'decord' or 'pyav' forces one.
+    Raises VideoReadError naming the video when no reader can decode it.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown frm_sampling_strategy {strategy!r}; expected one of {STRATEGIES}")
@@ -178,10 +182,12 @@ def read_video(path, num_frm, strategy="uniform", size=None, rng=None, start=Non
         names = ["decord", "pyav"] if decord is not None else ["pyav"]
     else:
         names = [backend]
+    in_memory = isinstance(path, (bytes, bytearray, memoryview))
     failures = []
-    for name in names:
+    for reader in names:
         try:
-            return readers[name](path, num_frm, strategy, size, rng, start, end)
+            # A fresh stream per reader: a failed attempt may have read part of it.
+            return readers[reader](io.BytesIO(path) if in_memory else path, num_frm, strategy, size, rng, start, end)
         except Exception as err:  # decoders raise many types (DECORDError, av.error.*, OSError, ...)
-            failures.append(f"{name}: {type(err).__name__}: {err}")
-    raise VideoReadError(path, "; ".join(failures))
+            failures.append(f"{reader}: {type(err).__name__}: {err}")
+    raise VideoReadError(name or ("<video bytes>" if in_memory else path), "; ".join(failures))
