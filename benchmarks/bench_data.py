@@ -1,15 +1,19 @@
 """Clips/s that one data-loader worker decodes and augments.
 
 Generates longer clips than the toy corpus (default 10 s, 30 fps, 320x240, moving shapes
-over a textured background), then times read_video + the training transform (32 frames,
-decoded at video_resize 256, cropped to 224) and the evaluation path (decoded at 224),
-single-threaded as inside a DataLoader worker.
+over a textured background), optionally re-encoded as the README prescribes (--compressed:
+`python -m data.compress --fps 3 --size 224`), then times read_video + the training transform
+(32 frames, decoded at video_resize 256, cropped to 224, augmented) and the evaluation path
+(decoded at 224), single-threaded as inside a DataLoader worker. The transforms return uint8
+clips: the video encoder normalises them on its device.
 
     python benchmarks/bench_data.py --out benchmarks/results/data_cpu.json
+    python benchmarks/bench_data.py --compressed --backends torchcodec,decord,pyav
 """
 import argparse
 import json
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +42,14 @@ def make_long_clip(path, seconds, fps, width, height, seed):
     write_mp4(path, frames, fps)
 
 
+def compress(folder, paths):
+    """The clips re-encoded by data.compress (3 fps, shorter side 224) into folder/compressed."""
+    subprocess.run([sys.executable, "-m", "data.compress", "--input_root", str(folder), "--output_root",
+                    str(folder / "compressed"), "--fps", "3", "--size", "224", "--num_workers", "1"],
+                   cwd=common.REPO_ROOT, check=True, capture_output=True)
+    return [folder / "compressed" / path.name for path in paths]
+
+
 def time_path(paths, repeats, backend, strategy, decode_size, transform):
     """(clips/s end to end, share of the time spent decoding)."""
     rng = random.Random(0)
@@ -62,6 +74,8 @@ def main():
     parser.add_argument("--fps", type=int, default=30)
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--height", type=int, default=240)
+    parser.add_argument("--compressed", action="store_true", help="time the clips re-encoded by data.compress")
+    parser.add_argument("--backends", default="decord,pyav", help="readers to time (data.video.READERS)")
     args = parser.parse_args()
 
     worker_init_fn(0)  # one thread, as inside a DataLoader worker
@@ -69,22 +83,25 @@ def main():
     paths = [folder / f"clip{k}.mp4" for k in range(args.clips)]
     for seed, path in enumerate(paths):
         make_long_clip(path, args.seconds, args.fps, args.width, args.height, seed)
+    if args.compressed:
+        paths = compress(folder, paths)
 
     train, evaluation = VideoTrainTransform(224), EvalTransform(224)
     rows = []
-    for backend in ("decord", "pyav"):
+    for backend in args.backends.split(","):
         for mode, strategy, size, transform in (("train", "headtail", 256, train), ("train", "rand", 256, train),
                                                 ("eval", "uniform", 224, evaluation)):
             rate, decode_share = time_path(paths, args.repeats, backend, strategy, size, transform)
             rows.append({"backend": backend, "mode": mode, "strategy": strategy, "decode_size": size,
                          "clips_per_s": round(rate, 2), "decode_share": round(decode_share, 2)})
-    print(f"{args.clips} clips of {args.seconds}s at {args.fps} fps, {args.width}x{args.height}; "
-          f"32 frames -> 224 px; 1 thread; torch {torch.__version__}")
+    machine = common.machine_info(torch.device("cpu"))
+    encoding = "re-encoded by data.compress (3 fps, shorter side 224)" if args.compressed else "as generated"
+    print(f"{machine['cpu']}; {args.clips} clips of {args.seconds}s at {args.fps} fps, {args.width}x{args.height}, "
+          f"{encoding}; 32 frames -> 224 px; 1 thread; torch {torch.__version__}")
     print(f"{'backend':8} {'mode':6} {'strategy':9} {'decode':>6} {'clips/s':>8} {'decoding':>9}")
     for row in rows:
         print(f"{row['backend']:8} {row['mode']:6} {row['strategy']:9} {row['decode_size']:>6} "
               f"{row['clips_per_s']:>8} {row['decode_share']:>8.0%}")
-    machine = common.machine_info(torch.device("cpu"))
     Path(args.out).write_text(json.dumps({"machine": machine, "settings": vars(args), "results": rows}, indent=1))
 
 

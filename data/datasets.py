@@ -101,7 +101,7 @@ class ClipDataset(Dataset):
 
     def load_video(self, path, rng=None):
         try:
-            clip = read_video(path, self.num_frm, self.strategy, self.decode_size, rng)
+            clip = read_video(path, self.num_frm, self.strategy, self.decode_size, rng, training=self.train)
         except VideoReadError as err:
             if not (self.train or self.substitute_black_on_error):
                 raise  # evaluation never substitutes silently

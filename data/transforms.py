@@ -1,22 +1,34 @@
-"""Clip transforms on uint8 tensors (T, C, H, W): the whole clip is processed at once, and
-every random choice is drawn once per clip so all frames get the same augmentation."""
+"""Clip transforms on uint8 tensors (T, C, H, W): every random choice is drawn once per clip
+so all frames get the same augmentation. They return uint8 clips: the video encoder
+normalises them (models/pixels.py) on its device."""
 import random
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms import InterpolationMode
 
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_MAGNITUDE = 10
-FILL = [128, 128, 128]  # grey fill for pixels that geometric ops move in
+FILL = [128, 128, 128]  # grey fill for pixels that geometric ops move in (the same in every channel)
 
 
-def normalize(clip):
-    """uint8 (..., C, H, W) -> float in the spec's normalisation."""
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
-    return clip.float().div_(255).sub_(mean).div_(std)
+# Elementwise ops run on this many frames at a time: their float temporaries then stay in the
+# CPU cache (a whole 32-frame 224 px clip's are 19 MB each), which makes them 1.5-2x faster.
+FRAMES_PER_CHUNK = 4
+
+
+def frame_chunks(clip):
+    """A clip (T, C, H, W) in chunks of FRAMES_PER_CHUNK frames; an image (C, H, W) whole."""
+    return clip.split(FRAMES_PER_CHUNK) if clip.dim() == 4 else [clip]
+
+
+def in_frame_chunks(op):
+    """`op` (frames, *args) -> frames applied chunk by chunk: the same output, for ops that
+    treat each frame on its own."""
+    def chunked(clip, *args):
+        parts = [op(part, *args) for part in frame_chunks(clip)]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+    return chunked
 
 
 def _signed(scale, magnitude, rng):
@@ -28,7 +40,15 @@ def _enhance(adjust):
 
 
 def _affine(x, angle=0.0, shear=(0.0, 0.0)):
-    return F.affine(x, angle=angle, translate=[0, 0], scale=1.0, shear=list(shear), fill=FILL)
+    """F.affine's nearest-neighbour warp with grey fill, computed once on a map of pixel
+    positions and applied to every frame and channel as one gather: the same pixels as warping
+    the clip itself (nearest copies values), without resampling T*C float planes."""
+    height, width = x.shape[-2:]
+    positions = torch.arange(height * width, dtype=torch.float32).view(1, 1, height, width)
+    source = F.affine(positions, angle=angle, translate=[0, 0], scale=1.0, shear=list(shear), fill=-1.0).view(-1)
+    planes = x.reshape(-1, height * width).numpy()  # numpy's take: several times faster than index_select
+    warped = torch.from_numpy(np.take(planes, source.long().clamp_(min=0).numpy(), axis=1))
+    return warped.masked_fill_(source < 0, FILL[0]).view(x.shape)
 
 
 def shift(x, pixels, dim):
@@ -46,16 +66,19 @@ def _translate(dim):
     return op
 
 
+@in_frame_chunks
 def adjust_sharpness(x, factor):
     """PIL-style sharpness: blend with a copy smoothed by [[1,1,1],[1,5,1],[1,1,1]]/13 (borders
-    untouched). The 3x3 sum is built from shifted slices, much faster on CPU than
-    torchvision's convolution."""
-    image = x.float()
+    untouched: the blend leaves them as they are). The 3x3 sum is built from shifted slices in
+    int16 (exact: at most 13 * 255), much faster on CPU than torchvision's convolution."""
+    image = x.to(torch.int16)
     rows = image[..., :-2, :] + image[..., 1:-1, :] + image[..., 2:, :]
-    box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
-    smooth = image.clone()
-    smooth[..., 1:-1, 1:-1] = box.add_(image[..., 1:-1, 1:-1], alpha=4).div_(13)
-    return smooth.add_(image.sub_(smooth).mul_(factor)).clamp_(0, 255).round_().to(torch.uint8)
+    weighted = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+    smooth = weighted.add_(image[..., 1:-1, 1:-1], alpha=4).float().div_(13)
+    detail = x[..., 1:-1, 1:-1].float().sub_(smooth).mul_(factor)
+    out = x.clone()
+    out[..., 1:-1, 1:-1] = smooth.add_(detail).clamp_(0, 255).round_()
+    return out
 
 
 def _shear(axis):
@@ -67,8 +90,8 @@ def _shear(axis):
 
 AUGMENT_OPS = {
     "identity": lambda x, m, rng: x,
-    "contrast": _enhance(F.adjust_contrast),
-    "brightness": _enhance(F.adjust_brightness),
+    "contrast": _enhance(in_frame_chunks(F.adjust_contrast)),  # its mean is per frame
+    "brightness": _enhance(in_frame_chunks(F.adjust_brightness)),
     "sharpness": _enhance(adjust_sharpness),
     "shear_x": _shear(0),
     "shear_y": _shear(1),
@@ -102,7 +125,7 @@ class VideoTrainTransform:
         top = rng.randint(0, height - self.image_size)
         left = rng.randint(0, width - self.image_size)
         clip = clip[..., top:top + self.image_size, left:left + self.image_size]
-        return normalize(rand_augment(clip, VIDEO_OPS, self.num_ops, self.magnitude, rng))
+        return rand_augment(clip, VIDEO_OPS, self.num_ops, self.magnitude, rng)
 
 
 class ImageTrainTransform:
@@ -121,11 +144,11 @@ class ImageTrainTransform:
         if rng.random() < 0.5:
             image = F.horizontal_flip(image)
         image = rand_augment(image, IMAGE_OPS, self.num_ops, self.magnitude, rng)
-        return normalize(image).unsqueeze(0).expand(self.num_frm, -1, -1, -1).contiguous()
+        return image.unsqueeze(0).expand(self.num_frm, -1, -1, -1).contiguous()
 
 
 class EvalTransform:
-    """Deterministic: resize to image_size (a no-op when decoded at that size), normalise."""
+    """Deterministic: resize to image_size (a no-op when decoded at that size)."""
 
     def __init__(self, image_size):
         self.image_size = image_size
@@ -133,4 +156,4 @@ class EvalTransform:
     def __call__(self, clip):
         if tuple(clip.shape[-2:]) != (self.image_size, self.image_size):
             clip = F.resize(clip, [self.image_size, self.image_size], antialias=True)
-        return normalize(clip)
+        return clip

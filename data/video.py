@@ -1,21 +1,20 @@
-"""Frame sampling (pure functions) and video decoding with decord, falling back to PyAV.
+"""Frame sampling (pure functions) and video decoding with torchcodec, decord and PyAV.
 
-Readers return the sampled frames as a uint8 tensor laid out (T, C, H, W), the layout the
+read_video returns the sampled frames as a uint8 tensor laid out (T, C, H, W), the layout the
 transforms and the batch interface use.
 """
+import functools
+import importlib
 import io
+import os
 import random
 import sys
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as F
 
 from .errors import DataError, one_line
-
-try:
-    import decord
-except ImportError:  # no decord wheel on this platform: PyAV reads everything
-    decord = None
 
 STRATEGIES = ("uniform", "uniform_spread", "nlvl_uniform", "nlvl_rand", "rand", "headtail")
 # A warning is due when 'uniform' leaves more than this share of a clip's tail unsampled.
@@ -132,17 +131,35 @@ def sample_frame_indices(vlen, num_frm, strategy="uniform", rng=None, start=None
     return head + _sorted_draw(middle, last, num_frm - num_frm // 2, rng)
 
 
-def _decord_read(path, num_frm, strategy, size, rng, start, end):
+def _decord_read(source, num_frm, strategy, rng, start, end, size=None):
+    """size: resize in the decoder (decord's width/height), as the original did."""
+    import decord
     kwargs = {"width": size, "height": size} if size else {}
-    reader = decord.VideoReader(path if hasattr(path, "read") else str(path), num_threads=_decode_threads, **kwargs)
+    reader = decord.VideoReader(source, num_threads=_decode_threads, **kwargs)
     indices = sample_frame_indices(len(reader), num_frm, strategy, rng, start, end, reader.get_avg_fps())
-    frames = reader.get_batch(indices).asnumpy()
-    return torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(reader.get_batch(indices).asnumpy())
 
 
-def _pyav_read(path, num_frm, strategy, size, rng, start, end):
-    import av  # the fallback reader: loaded only when a file needs it
-    with av.open(path if hasattr(path, "read") else str(path)) as container:
+def _torchcodec_read(source, num_frm, strategy, rng, start, end, size=None):
+    """Exact seek mode: frame i is the i-th frame in presentation order, as decord and PyAV
+    count; get_frames_at seeks to a keyframe only when that skips decoding."""
+    from torchcodec.decoders import VideoDecoder
+    from torchcodec.transforms import Resize
+    decoder = VideoDecoder(source, num_ffmpeg_threads=_decode_threads, dimension_order="NHWC", seek_mode="exact",
+                           transforms=[Resize((size, size))] if size else None)
+    metadata = decoder.metadata
+    listed, present = metadata.num_frames_from_header, metadata.num_frames_from_content
+    if listed and present < listed:  # the scan stops where a truncated file ends: reject it as the others do
+        raise EOFError(f"the file holds {present} of the {listed} frames its header lists")
+    indices = sample_frame_indices(metadata.num_frames, num_frm, strategy, rng, start, end, metadata.average_fps)
+    return decoder.get_frames_at(indices).data
+
+
+def _pyav_read(source, num_frm, strategy, rng, start, end, size=None):
+    """Decodes every frame up to the last index: fine for the short or re-encoded clips it
+    is the fallback for, slow for sparse indices in long videos."""
+    import av
+    with av.open(source) as container:
         stream = container.streams.video[0]
         stream.thread_count = _decode_threads
         fps = float(stream.average_rate or 0) or None
@@ -163,31 +180,84 @@ def _pyav_read(path, num_frm, strategy, size, rng, start, end):
     missing = wanted.difference(decoded)
     if missing:
         raise EOFError(f"stream ended before frame {min(missing)} of {vlen} listed frames")
-    return torch.from_numpy(np.stack([decoded[i] for i in indices])).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(np.stack([decoded[i] for i in indices]))
+
+
+# Each reader: (file path or file object, num_frm, strategy, rng, start, end, size=None) ->
+# uint8 frames (T, H, W, C); `size` resizes in the decoder. At full size the three return the
+# same pixels; resized, decord's scaler differs from read_video's (tests/test_readers.py).
+READERS = {"torchcodec": _torchcodec_read, "decord": _decord_read, "pyav": _pyav_read}
+# The order read_video tries them in. Training: fastest first (benchmarks/bench_readers.py).
+# Evaluation: decord first, resizing in its decoder as the original did, so that the released
+# checkpoints see the pixels they were evaluated with (tests/test_eval_e2e.py); at evaluation
+# sizes it decodes about as fast as torchcodec.
+TRAINING_ORDER = ("torchcodec", "decord", "pyav")
+EVALUATION_ORDER = ("decord", "torchcodec", "pyav")
+RESIZES_IN_DECODER = {"decord"}  # the others decode at full size and read_video resizes: faster for them
+READER_VARIABLE = "TESTA_VIDEO_READER"  # names one reader to use alone, e.g. torchcodec
+
+
+@functools.cache
+def reader_problem(name):
+    """Why reader `name` cannot load here (its package is missing, or FFmpeg's libraries for
+    torchcodec), or None. Asked once per process, so a missing reader costs no import per clip."""
+    try:
+        importlib.import_module({"torchcodec": "torchcodec.decoders", "pyav": "av"}.get(name, name))
+    except Exception as err:  # ImportError, or torchcodec's RuntimeError when no FFmpeg loads
+        return one_line(f"{type(err).__name__}: {err}")
+    return None
+
+
+def reader_names(backend=None, training=False):
+    """The readers read_video tries: `backend`, else $TESTA_VIDEO_READER, else every reader
+    that loads, in the training or the evaluation order."""
+    chosen = backend or os.environ.get(READER_VARIABLE)
+    if not chosen:
+        names = [name for name in (TRAINING_ORDER if training else EVALUATION_ORDER) if reader_problem(name) is None]
+        if not names:
+            reasons = "; ".join(f"{name}: {reader_problem(name)}" for name in READERS)
+            raise DataError(f"no video reader loads: {reasons}")
+        return names
+    if chosen not in READERS:
+        raise DataError(f"unknown video reader {chosen!r} ({READER_VARIABLE} or backend); "
+                        f"expected one of {list(READERS)}")
+    if reader_problem(chosen):
+        raise DataError(f"video reader {chosen!r} was asked for but cannot load: {reader_problem(chosen)}")
+    return [chosen]
+
+
+def resize_frames(frames, size):
+    """(T, H, W, C) uint8 -> (T, C, size, size): bilinear with antialiasing on the channels-last
+    view, which torch resizes with its vectorised uint8 kernel (no float copy)."""
+    clip = frames.permute(0, 3, 1, 2)
+    if size and tuple(clip.shape[-2:]) != (size, size):
+        clip = F.resize(clip, [size, size], antialias=True)
+    return clip.contiguous()
 
 
 def read_video(path, num_frm, strategy="uniform", size=None, rng=None, start=None, end=None, backend=None,
-               name=None):
-    """Decode `num_frm` sampled frames of `path`, resized to size x size when `size` is set.
+               name=None, training=False):
+    """Decode `num_frm` sampled frames of `path` as uint8 (T, C, H, W), resized to size x size
+    when `size` is set.
 
     path: a file path, or the encoded file's bytes (a video read from a tar shard); `name`
-    then says which video it is in errors. backend: None tries decord then PyAV (for files
-    decord rejects); 'decord' or 'pyav' forces one.
+    then says which video it is in errors. backend: None tries the readers in the training
+    order (`training`) or the evaluation order, a file one rejects going to the next, or the
+    reader $TESTA_VIDEO_READER names; 'torchcodec', 'decord' or 'pyav' forces one.
     Raises VideoReadError naming the video when no reader can decode it.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown frm_sampling_strategy {strategy!r}; expected one of {STRATEGIES}")
-    readers = {"decord": _decord_read, "pyav": _pyav_read}
-    if backend is None:
-        names = ["decord", "pyav"] if decord is not None else ["pyav"]
-    else:
-        names = [backend]
     in_memory = isinstance(path, (bytes, bytearray, memoryview))
     failures = []
-    for reader in names:
+    for reader in reader_names(backend, training):
+        # A fresh stream per reader: a failed attempt may have read part of it.
+        source = io.BytesIO(path) if in_memory else (path if hasattr(path, "read") else str(path))
         try:
-            # A fresh stream per reader: a failed attempt may have read part of it.
-            return readers[reader](io.BytesIO(path) if in_memory else path, num_frm, strategy, size, rng, start, end)
+            frames = READERS[reader](source, num_frm, strategy, rng, start, end,
+                                     size if reader in RESIZES_IN_DECODER else None)
         except Exception as err:  # decoders raise many types (DECORDError, av.error.*, OSError, ...)
             failures.append(f"{reader}: {type(err).__name__}: {err}")
+            continue
+        return resize_frames(frames, size)
     raise VideoReadError(name or ("<video bytes>" if in_memory else path), "; ".join(failures))

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from configs.keys import ConfigError, value
 from models.embedding_resize import resize_grid, resize_time_embed
+from models.pixels import normalize
 from models.timesformer_blocks import DividedSpaceTimeBlock, Tokens, VideoTokens, ViTBlock, layer_norm
 
 ATTENTION_TYPES = ("divided_space_time", "space_only", "joint_space_time")
@@ -136,9 +137,14 @@ class TimeSformer(nn.Module):
 
     # -- embedding
     def _embed(self, video: Tensor) -> Tuple[Tensor, Tensor]:
-        """Patch + position (+ time) embeddings -> cls (1, 1, D) and patches (B, T, L, D)."""
+        """Patch + position (+ time) embeddings -> cls (1, 1, D) and patches (B, T, L, D).
+
+        video: uint8 clips as the loaders give them, normalised here on the model's device, or
+        clips already normalised (float)."""
         if video.dim() != 5 or video.shape[1] != self.in_chans:
             raise ValueError(f"video must be (B, {self.in_chans}, T, H, W), got {tuple(video.shape)}")
+        if video.dtype == torch.uint8:
+            video = normalize(video, channel_dim=1)
         batch, chans, frames, height, width = video.shape
         patch = self.patch_embed.proj.kernel_size[0]
         if height % patch or width % patch:

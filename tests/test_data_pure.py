@@ -10,8 +10,9 @@ import torchvision.transforms.v2.functional as TF
 from data.annotations import restricted_loads
 from data.loader import EvalShardSampler, create_sampler, shard_indices, vqa_collate_fn
 from data.text import pre_caption, pre_question
-from data.transforms import (AUGMENT_OPS, FILL, MEAN, STD, EvalTransform, ImageTrainTransform, VideoTrainTransform,
-                             adjust_sharpness, shift, normalize)
+from data.transforms import (AUGMENT_OPS, FILL, EvalTransform, ImageTrainTransform, VideoTrainTransform,
+                             adjust_sharpness, shift)
+from models.pixels import MEAN, STD, normalize
 from data import video
 from data.video import STRATEGIES, original_uniform_indices, sample_frame_indices
 
@@ -149,7 +150,7 @@ def test_video_train_transform_is_temporally_consistent():
     frame = torch.randint(0, 256, (1, 3, 40, 40), dtype=torch.uint8)
     for seed in range(10):
         out = VideoTrainTransform(32)(frame.expand(4, -1, -1, -1), random.Random(seed))
-        assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
+        assert out.shape == (4, 3, 32, 32) and out.dtype == torch.uint8
         assert torch.equal(out[0], out[3])  # same crop and same ops on every frame
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from data import create_dataset
+from models.pixels import normalize
 from data.video import sample_frame_indices
 from models.tokenizer import init_tokenizer
 from tests.helpers import E2E, E2E_FORMATS as FORMATS, E2E_METRIC_NAMES, REPO_ROOT, e2e_evaluate_command, e2e_paths
@@ -57,9 +58,11 @@ def test_frame_indices_and_encoder_inputs_are_bit_identical(split):
         indices = sample_frame_indices(vlen, config["num_frm_test"], dataset.strategy)
         assert indices == ref["frame_indices"][index].tolist(), name
         clip, video_index = dataset[index]
-        assert video_index == index and clip.shape == (3, 8, 64, 64) and clip.dtype == torch.float32
-        # The reference hashed the (T, C, H, W) tensor; the loaders hand the encoder (C, T, H, W).
-        digest = hashlib.sha256(clip.transpose(0, 1).contiguous().numpy().tobytes()).hexdigest()
+        assert video_index == index and clip.shape == (3, 8, 64, 64) and clip.dtype == torch.uint8
+        # The loaders hand the encoder uint8 (C, T, H, W) clips, which it normalises as it
+        # receives them; the reference hashed the normalised (T, C, H, W) tensor.
+        encoder_input = normalize(clip[None], channel_dim=1)[0]
+        digest = hashlib.sha256(encoder_input.transpose(0, 1).contiguous().numpy().tobytes()).hexdigest()
         assert digest == ref["video_input_sha256"][index], f"{fmt}: {name}"
 
 
