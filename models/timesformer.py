@@ -64,7 +64,11 @@ class EncoderTrace:
     block_outputs: List[Tensor] = field(default_factory=list)  # stream after each block
     # (T, L) after each block; joint_space_time has one sequence: (1, patch tokens left)
     frames_patches: List[Tuple[int, int]] = field(default_factory=list)
-    source: Optional[Tensor] = None  # (rows of output) x (input tokens) membership, if traced
+    # Which input tokens each output token holds, when asked for: (B, rows of the output,
+    # 1 + T0*L0), 1 where the row holds the input token; column 0 is [CLS], patch l of frame t
+    # is column 1 + l*T0 + t (the published order) in every attention type.
+    source: Optional[Tensor] = None
+    block_sources: List[Tensor] = field(default_factory=list)  # the same after each block, if asked
 
 
 class TimeSformer(nn.Module):
@@ -86,7 +90,7 @@ class TimeSformer(nn.Module):
         self.num_frames = num_frames
         self.in_chans = in_chans
         self.attention_type = attention_type
-        self.trace_source = trace_source
+        self.trace_source = trace_source  # forward_with_trace's default for ``sources``
         self.grad_checkpointing = grad_checkpointing
         self.ckpt_layer = ckpt_layer
         divided = attention_type == "divided_space_time"
@@ -166,20 +170,30 @@ class TimeSformer(nn.Module):
     def forward(self, video: Tensor) -> Tensor:
         return self._encode(video, None)
 
-    def forward_with_trace(self, video: Tensor) -> Tuple[Tensor, EncoderTrace]:
-        """Forward that also records the per-block streams and token counts."""
+    def forward_with_trace(self, video: Tensor, sources: Optional[bool] = None,
+                           block_sources: bool = False) -> Tuple[Tensor, EncoderTrace]:
+        """Forward that also records the per-block streams and token counts.
+
+        sources: also track which input tokens each output token holds (``trace.source``);
+        None follows the encoder's ``trace_source``. block_sources: record that after every
+        block as well (``trace.block_sources``, for per-block pictures; implies sources; each is
+        dense: about 150 MB per block for one 32-frame 224 px clip).
+        Plain ``forward`` never tracks: the source bookkeeping is skipped, not just discarded.
+        """
         trace = EncoderTrace()
-        return self._encode(video, trace), trace
+        track = block_sources or (self.trace_source if sources is None else sources)
+        return self._encode(video, trace, track, block_sources), trace
 
     def _run_block(self, index: int, block: nn.Module, tokens):
         if self.grad_checkpointing and index >= len(self.blocks) - self.ckpt_layer and torch.is_grad_enabled():
             return checkpoint(block, tokens, use_reentrant=False)
         return block(tokens)
 
-    def _encode(self, video: Tensor, trace: Optional[EncoderTrace]) -> Tensor:
+    def _encode(self, video: Tensor, trace: Optional[EncoderTrace], track_source: bool = False,
+                every_block: bool = False) -> Tensor:
         cls, patches = self._embed(video)
         if self.attention_type == "divided_space_time":
-            return self._encode_divided(cls, patches, trace)
+            return self._encode_divided(cls, patches, trace, track_source, every_block)
         batch, frames, num_patches, dim = patches.shape
         if self.attention_type == "space_only":
             # Every frame is an independent image: (B*T, 1+L, D).
@@ -190,7 +204,7 @@ class TimeSformer(nn.Module):
             patches = (patches + self._time_embed(frames)).transpose(1, 2)
             x = torch.cat([cls.expand(batch, 1, dim), patches.reshape(batch, -1, dim)], dim=1)
         source = None
-        if self.trace_source:
+        if track_source:
             source = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)
         tokens = Tokens(x, None, source)
         if trace is not None:
@@ -201,14 +215,23 @@ class TimeSformer(nn.Module):
                 trace.block_outputs.append(tokens.x)
                 frame_axis = frames if self.attention_type == "space_only" else 1
                 trace.frames_patches.append((frame_axis, tokens.x.shape[1] - 1))
-        if trace is not None:
-            trace.source = tokens.source
+                if every_block:
+                    trace.block_sources.append(self._clip_source(tokens.source, batch, frames))
+        if trace is not None and track_source:
+            trace.source = self._clip_source(tokens.source, batch, frames)
         out = self.norm(tokens.x)
         if self.attention_type == "space_only":
             out = out.reshape(batch, -1, dim)
         return out
 
-    def _encode_divided(self, cls: Tensor, patches: Tensor, trace: Optional[EncoderTrace]) -> Tensor:
+    def _clip_source(self, source: Tensor, batch: int, frames: int) -> Tensor:
+        """A single-attention stream's source in the clip-wide layout of ``EncoderTrace.source``."""
+        if self.attention_type == "space_only":
+            return _per_frame_source_to_clip(source, batch, frames)
+        return source
+
+    def _encode_divided(self, cls: Tensor, patches: Tensor, trace: Optional[EncoderTrace],
+                        track_source: bool, every_block: bool) -> Tensor:
         batch, frames, num_patches, dim = patches.shape
         # To patch-major (B, L, T, D): temporal attention then reads the stream without copies.
         patches = (patches + self._time_embed(frames)).transpose(1, 2).contiguous()
@@ -217,7 +240,7 @@ class TimeSformer(nn.Module):
         if self.learnable_temporal_scaling:
             frame_source = torch.eye(frames, dtype=patches.dtype, device=patches.device).expand(batch, -1, -1)
         source = None
-        if self.trace_source:
+        if track_source:
             count = num_patches * frames
             source = torch.eye(count, dtype=patches.dtype, device=patches.device)
             source = source.view(1, num_patches, frames, count).expand(batch, -1, -1, -1)
@@ -229,7 +252,9 @@ class TimeSformer(nn.Module):
             if trace is not None:
                 trace.block_outputs.append(_flatten_stream(tokens))
                 trace.frames_patches.append((tokens.patches.shape[2], tokens.patches.shape[1]))
-        if trace is not None and tokens.source is not None:
+                if every_block:
+                    trace.block_sources.append(_source_with_cls(tokens.source))
+        if trace is not None and track_source:
             trace.source = _source_with_cls(tokens.source)
         return self.norm(_flatten_stream(tokens))
 
@@ -246,6 +271,20 @@ def _source_with_cls(source: Tensor) -> Tensor:
     with_cls = F.pad(source.reshape(batch, patches * frames, count), (1, 0, 1, 0))
     with_cls[:, 0, 0] = 1
     return with_cls
+
+
+def _per_frame_source_to_clip(source: Tensor, batch: int, frames: int) -> Tensor:
+    """space_only: (B*T, n, 1+L) per-frame memberships -> (B, T*n, 1+L*T) over the whole clip.
+
+    Rows follow the encoder's output (frame-major); every frame's [CLS] holds column 0.
+    """
+    _, tokens, columns = source.shape
+    per_frame = source.reshape(batch, frames, tokens, columns)
+    same_frame = torch.eye(frames, dtype=source.dtype, device=source.device)
+    # (B, T, n, L, T'): a token of frame t holds patch l of frame t' only when t' == t.
+    patches = per_frame[..., 1:, None] * same_frame[None, :, None, None, :]
+    patches = patches.reshape(batch, frames * tokens, (columns - 1) * frames)
+    return torch.cat([per_frame[..., :1].reshape(batch, frames * tokens, 1), patches], dim=2)
 
 
 def build_video_encoder(config: dict) -> TimeSformer:

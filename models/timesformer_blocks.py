@@ -97,7 +97,7 @@ class VideoTokens(NamedTuple):
     patches: Tensor  # (B, L, T, D) patch-major
     size: Optional[Tensor]  # (B, L, T, 1) original tokens per token; None = all ones
     frame_source: Optional[Tensor]  # (B, T, T0) original frames per frame (only with lts)
-    source: Optional[Tensor]  # (B, L, T, L0*T0) original patches per token (trace_source)
+    source: Optional[Tensor]  # (B, L, T, L0*T0) original patches per token, when traced
 
 
 class Tokens(NamedTuple):
