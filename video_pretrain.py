@@ -5,7 +5,7 @@ takes one batch of each. `pretrained:` in the config continues from a BLIP image
 checkpoint or a TESTA checkpoint. A checkpoint is written every epoch.
 """
 from configs.keys import ConfigError, value
-from data import create_dataset, create_loader, create_sampler
+from data import create_loader, create_pretrain_dataset, create_sampler
 from models import build_pretrain_model
 from training.cli import build_arg_parser, setup_run
 from training.config import load_config
@@ -17,7 +17,9 @@ from training.optim import alpha_ramp
 
 # Keys the image config of --sep_img may set; the rest comes from the main config.
 IMAGE_CONFIG_KEYS = ("train_file", "batch_size", "num_frm_train", "image_size", "video_root", "max_words",
-                     "caption_max_words")
+                     "caption_max_words", "train_shards", "train_shards_samples", "shard_shuffle_buffer")
+# Set by the image config's train_file, these main-config keys would otherwise replace it.
+SHARD_KEYS = ("train_shards", "train_shards_samples")
 
 
 def parse_args():
@@ -38,7 +40,11 @@ def image_data_config(config: dict, path: str) -> dict:
     if unknown:
         raise ConfigError(f"{path}: keys {unknown} cannot be set for the image loader; "
                           f"allowed: {list(IMAGE_CONFIG_KEYS)}")
-    return {**config, **image_config}
+    merged = {**config, **image_config}
+    if "train_file" in image_config and "train_shards" not in image_config:
+        for key in SHARD_KEYS:
+            merged.pop(key, None)
+    return merged
 
 
 def main():
@@ -48,8 +54,8 @@ def main():
     run = setup_run(args)
     config = run.config
     data_configs = [config] + ([image_data_config(config, args.img_config)] if args.sep_img else [])
-    datasets = [create_dataset(name, data_config) for name, data_config in zip(("pretrain", "pretrain_image"),
-                                                                               data_configs)]
+    datasets = [create_pretrain_dataset(name, data_config, get_rank(), get_world_size())
+                for name, data_config in zip(("pretrain", "pretrain_image"), data_configs)]
     batch_sizes = [value(data_config, "batch_size", "pre-training") for data_config in data_configs]
     samplers = create_sampler(datasets, [True] * len(datasets), get_world_size(), get_rank(), run.seed)
     loaders = create_loader(datasets, samplers, batch_sizes, [value(config, "num_workers")] * len(datasets),

@@ -79,6 +79,12 @@ CONFIG_KEYS: dict[str, ConfigKey] = {key.name: key for key in [
     _key("video_root", str, None, "data", "folder of the videos (optional for pre-training)"),
     _key("ann_root", str, REQUIRED, "data", "folder of the annotation files"),
     _key("train_file", _PATHS, REQUIRED, "data", "pre-training annotation JSON file(s)"),
+    _key("train_shards", _PATHS, None, "data",
+         "pre-training WebDataset tar shards (brace patterns, paths, URLs or `pipe:` commands; a list allowed); "
+         "when set they replace `train_file` (docs/data.md, Streamed shards)"),
+    _key("train_shards_samples", int, None, "data",
+         "samples in `train_shards`, for the epoch length; default: the manifest.json beside the shards"),
+    _key("shard_shuffle_buffer", int, 1000, "data", "samples in each data-loader worker's shuffle buffer (shards)"),
     _key("answer_list", str, None, "data", "QA: JSON list of candidate answers; default the training answers"),
     _key("caption_max_words", int, 30, "data", "words a caption keeps after cleaning", falls_back_to="max_words"),
     _key("num_frm_train", int, REQUIRED, "data", "frames sampled per training clip"),

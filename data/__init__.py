@@ -15,6 +15,7 @@ _EXPORTS = {
     "datasets": ("DATASETS", "create_dataset"),
     "loader": ("EvalShardSampler", "create_loader", "create_sampler", "create_split_loaders", "shard_indices",
                "vqa_collate_fn"),
+    "shards": ("ShardedPretrainDataset", "create_pretrain_dataset"),
     "text": ("pre_caption", "pre_question"),
     "video": ("VideoReadError", "read_video", "sample_frame_indices", "worker_init_fn"),
 }

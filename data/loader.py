@@ -2,7 +2,7 @@
 import math
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
 from configs.keys import value
 
@@ -34,11 +34,19 @@ class EvalShardSampler(Sampler):
 def create_sampler(datasets, shuffles, num_tasks, global_rank, seed=0, batch_sizes=None):
     """Training (shuffle=True): DistributedSampler reshuffled per epoch from seed + epoch
     (the loop calls sampler.set_epoch(epoch)). Evaluation: EvalShardSampler in whole batches
-    of `batch_sizes` (one per dataset; default 1)."""
+    of `batch_sizes` (one per dataset; default 1). Streamed (iterable) datasets split and
+    shuffle themselves: None."""
     batch_sizes = batch_sizes or [1] * len(datasets)
-    return [DistributedSampler(dataset, num_replicas=num_tasks, rank=global_rank, shuffle=True, seed=seed)
-            if shuffle else EvalShardSampler(dataset, num_tasks, global_rank, unit)
+    return [_sampler_of(dataset, shuffle, num_tasks, global_rank, seed, unit)
             for dataset, shuffle, unit in zip(datasets, shuffles, batch_sizes)]
+
+
+def _sampler_of(dataset, shuffle, num_tasks, global_rank, seed, unit):
+    if isinstance(dataset, IterableDataset):
+        return None
+    if shuffle:
+        return DistributedSampler(dataset, num_replicas=num_tasks, rank=global_rank, shuffle=True, seed=seed)
+    return EvalShardSampler(dataset, num_tasks, global_rank, unit)
 
 
 def vqa_collate_fn(batch):
@@ -62,7 +70,8 @@ def create_loader(datasets, samplers, batch_size, num_workers, is_trains, collat
             datasets, samplers, batch_size, num_workers, is_trains, collate_fns):
         loaders.append(DataLoader(
             dataset, batch_size=size, num_workers=workers, pin_memory=pin_memory, sampler=sampler,
-            shuffle=is_train and sampler is None, collate_fn=collate_fn, drop_last=is_train,
+            shuffle=is_train and sampler is None and not isinstance(dataset, IterableDataset),
+            collate_fn=collate_fn, drop_last=is_train,
             worker_init_fn=worker_init_fn, persistent_workers=False))
     return loaders
 
