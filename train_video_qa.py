@@ -14,6 +14,7 @@ from evaluation.metrics import qa_accuracy
 from evaluation.qa import predict_answers
 from models import build_qa_model
 from training.cli import build_arg_parser, setup_run
+from training.compile import compile_visual_encoder
 from training.distributed import get_rank, get_world_size, is_main_process, unwrap_model
 from training.errors import run_cli
 from training.fit import fit, report_test
@@ -31,6 +32,8 @@ def main():
                                              pin_memory=run.device.type == "cuda")
     model = build_qa_model(config, config.get("pretrained") or None).to(run.device)
     print_model_summary(model, model.visual_encoder, config, args.flop_counter)
+    if args.compile:
+        compile_visual_encoder(model, run.device)
 
     def evaluate(model, split: str, tag: str) -> dict:
         dataset = datasets[split]

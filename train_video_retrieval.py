@@ -11,6 +11,7 @@ from evaluation.metrics import retrieval_metrics
 from evaluation.retrieval import RetrievalSettings, score_matrices, write_submission
 from models import build_retrieval_model
 from training.cli import build_arg_parser, setup_run
+from training.compile import compile_visual_encoder
 from training.distributed import get_rank, get_world_size, is_main_process, unwrap_model
 from training.errors import run_cli
 from training.fit import fit, report_test
@@ -29,6 +30,8 @@ def main():
                                              run.seed, pin_memory=run.device.type == "cuda")
     model = build_retrieval_model(config, config.get("pretrained") or None).to(run.device)
     print_model_summary(model, model.visual_encoder, config, args.flop_counter)
+    if args.compile:
+        compile_visual_encoder(model, run.device)
 
     def evaluate(model, split: str) -> dict:
         dataset = datasets[split]

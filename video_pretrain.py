@@ -8,6 +8,7 @@ from configs.keys import ConfigError, value
 from data import create_loader, create_pretrain_dataset, create_sampler
 from models import build_pretrain_model
 from training.cli import build_arg_parser, setup_run
+from training.compile import compile_visual_encoder
 from training.config import load_config
 from training.distributed import get_rank, get_world_size
 from training.errors import UserError, run_cli
@@ -62,6 +63,8 @@ def main():
                             [True] * len(datasets), [None] * len(datasets), pin_memory=run.device.type == "cuda")
     model = build_pretrain_model(config, config.get("pretrained") or None).to(run.device)
     print_model_summary(model, model.visual_encoder, config, args.flop_counter)
+    if args.compile:
+        compile_visual_encoder(model, run.device)
 
     alpha_max = value(config, "alpha")
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from configs.keys import value
+from data.video import reader_names
 from training.config import load_config, save_config
 from training.distributed import gather_objects, get_world_size, init_distributed, is_main_process, seed_for_rank
 from training.errors import UserError
@@ -57,6 +58,12 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
         help="also write checkpoint_last.pth every N optimiser steps inside an epoch (default 0: off)")
     add("--tensorboard", action="store_true", help="log scalars to output_dir/tensorboard")
     add("--wandb", action="store_true", help="log scalars to Weights & Biases (needs wandb installed)")
+    add("--compile", action="store_true",
+        help="torch.compile the visual encoder for training and evaluation (on the CPU this needs a C++ "
+             "compiler; the first steps are slow while it compiles); checkpoints keep the eager key names")
+    add("--dist_timeout_minutes", type=float, default=30,
+        help="under torchrun or srun, a collective waiting this long for another process fails instead of "
+             "hanging (default: 30)")
     add("--flop_counter", choices=["torch", "fvcore"], default="torch",
         help="count visual-encoder GMACs with torch's FlopCounterMode (default) or fvcore (if installed)")
     add("--options", nargs="+", default=[], metavar="KEY=VALUE",
@@ -97,7 +104,7 @@ def lock_output_dir(output_dir: Path) -> None:
 def setup_run(args: argparse.Namespace) -> Run:
     """Distributed init, config + overrides + flags, output folder (locked for this run),
     config.yaml, seeding."""
-    device = init_distributed(args.device)
+    device = init_distributed(args.device, args.dist_timeout_minutes)
     if device.type == "cpu" and keep_freed_cpu_memory():
         print("CPU allocator: glibc malloc keeps freed memory for reuse (no per-step page faults)")
     config = load_config(args.config, list(args.options) + list(args.overrides))
@@ -116,4 +123,7 @@ def setup_run(args: argparse.Namespace) -> Run:
     seed_everything(seed_for_rank(seed))
     precision = make_precision(args.mixed_precision_method, device)
     print(f"precision: {precision.describe()}; world size {get_world_size()}; device {device}")
+    # Readers differ in how they resize, so the log says which decode this run's clips.
+    print(f"video readers, in the order tried: training {', '.join(reader_names(training=True))}; "
+          f"evaluation {', '.join(reader_names())}")
     return Run(args, config, device, output_dir, precision, seed)

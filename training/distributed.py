@@ -1,6 +1,9 @@
-"""Process groups: set-up under torchrun, rank queries, DDP wrapping, gathering Python objects."""
+"""Process groups: set-up under torchrun or srun, rank queries, DDP wrapping, gathering Python objects."""
 import builtins
+import itertools
 import os
+import re
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -47,14 +50,63 @@ def setup_for_distributed(is_master: bool) -> None:
     builtins.print = rank_aware_print
 
 
-def init_distributed(device: str) -> torch.device:
-    """Join the process group described by torchrun's environment, if any.
+def expand_hostlist(hostlist: str) -> list[str]:
+    """The host names of a SLURM hostlist such as `node[01-03,07],gpu5` (zero padding kept;
+    several bracket groups in one name, `rack[1-2]-n[1-2]`, expand to every combination)."""
+    names = []
+    for pattern in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", hostlist):
+        parts = re.split(r"\[([^\]]*)\]", pattern)  # literal, ranges, literal, ranges, ...
+        choices = [[part] if index % 2 == 0 else _expand_ranges(part) for index, part in enumerate(parts)]
+        names += ["".join(combination) for combination in itertools.product(*choices)]
+    return names
 
-    Plain `python script.py` (no RANK/WORLD_SIZE) runs as a single process. The backend is
-    nccl for CUDA and gloo for CPU. Returns the device this process computes on.
+
+def _expand_ranges(ranges: str) -> list[str]:
+    """`01-03,07` -> ['01', '02', '03', '07']."""
+    numbers = []
+    for item in ranges.split(","):
+        first, _, last = item.partition("-")
+        numbers += [str(number).zfill(len(first)) for number in range(int(first), int(last or first) + 1)]
+    return numbers
+
+
+def slurm_environment(environ) -> dict:
+    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) taken from
+    SLURM's when the script was started by `srun` without torchrun in a step of several tasks;
+    {} otherwise. Under torchrun (even one per node started by srun) torchrun's own win."""
+    launched_by_torchrun = "RANK" in environ and "WORLD_SIZE" in environ
+    if launched_by_torchrun or "SLURM_PROCID" not in environ or int(environ.get("SLURM_NTASKS", 1)) < 2:
+        return {}
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not environ.get("MASTER_ADDR") and not nodelist:
+        raise UserError("started by srun but SLURM_JOB_NODELIST is not set: set MASTER_ADDR to the first node")
+    # Every task derives the same port from the job id; jobs sharing a node get different ones.
+    default_port = 15000 + int(environ.get("SLURM_JOB_ID", 0)) % 10000
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ["SLURM_NTASKS"],
+            "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": environ.get("MASTER_ADDR") or expand_hostlist(nodelist)[0],
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(default_port)}
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """The env:// store, its keys scoped to torchrun's restart attempt: torchrun lends its
+    rendezvous store to the workers, so after a restart the dead group's addresses are still
+    there, and a process reading them would try to connect to a process that has gone."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def init_distributed(device: str, timeout_minutes: float = 30) -> torch.device:
+    """Join the process group described by torchrun's environment, or by SLURM's under srun.
+
+    Plain `python script.py` (no RANK/WORLD_SIZE, no multi-task srun step) runs as a single
+    process. The backend is nccl for CUDA and gloo for CPU. A collective that waits longer
+    than `timeout_minutes` (a peer died outside torchrun, which would stop the others) fails
+    instead of hanging. Returns the device this process computes on.
     """
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    os.environ.update(slurm_environment(os.environ))  # env:// and run_cli read the result
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched else 0
     if device.startswith("cuda"):
@@ -64,8 +116,10 @@ def init_distributed(device: str) -> torch.device:
         compute_device = torch.device(device)
     if launched:
         backend = "nccl" if compute_device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://",
-                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        timeout = timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend=backend, store=_attempt_store(rank, world_size, timeout), timeout=timeout,
+                                rank=rank, world_size=world_size,
                                 device_id=compute_device if backend == "nccl" else None)
         print(f"| distributed init (rank {get_rank()} of {get_world_size()}, {backend})", flush=True)
         barrier()

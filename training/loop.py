@@ -1,7 +1,6 @@
 """One training epoch: accumulation, AMP, clipping, mid-epoch checkpoints and exact resumption."""
 import argparse
 import math
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -13,6 +12,7 @@ from training.optim import set_lr
 from training.precision import Precision
 from training.progress import MetricLogger, SmoothedValue
 from training.distributed import seed_for_rank
+from training.fault_injection import exit_abruptly, exit_step
 from utils import move_to_device, seed_everything, set_rng_state
 
 
@@ -73,13 +73,6 @@ def _epoch_batches(loaders, epoch: int, skip: int, options: LoopOptions, resume:
     return iterators[0] if len(iterators) == 1 else zip(*iterators)
 
 
-def _stop_after_step() -> int:
-    """Failure injection for tests, not for users: TESTA_STOP_AFTER_STEP=N ends the process
-    with os._exit(137), as a kill would (no clean-up, no atexit), right after global optimiser
-    step N and its mid-epoch checkpoint when one is due (tests/test_reliability_training.py)."""
-    return int(os.environ.get("TESTA_STOP_AFTER_STEP") or 0)
-
-
 def _optimizer_step(optimizer, parameters, precision: Precision, max_grad_norm: float | None,
                     metric_logger: MetricLogger) -> None:
     """Clip (unscaled first under AMP), step, update the scaler and clear the gradients."""
@@ -108,8 +101,7 @@ def _after_update(epoch: int, batches_done: int, total: int, update_index: int, 
             checkpointer.save("checkpoint_last.pth", epoch, step_in_epoch=batches_done,
                               meters=metric_logger.state_dict())
     if global_step == stop_after:
-        print(f"TESTA_STOP_AFTER_STEP: stopping after optimiser step {global_step}", flush=True)
-        os._exit(137)
+        exit_abruptly(global_step)
 
 
 def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precision: Precision,
@@ -146,7 +138,7 @@ def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precis
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     if skip and resume.meters is not None:
         metric_logger.load_state_dict(resume.meters)  # the epoch's averages cover every batch
-    stop_after = _stop_after_step()
+    stop_after = exit_step()
     optimizer.zero_grad(set_to_none=True)
     header = f"Train epoch: [{epoch}]"
     for index, batch in enumerate(metric_logger.log_every(batches, options.log_every, header, total=total,

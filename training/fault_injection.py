@@ -1,0 +1,38 @@
+"""Failure injection, a testing aid and not for users: a process ends abruptly, as a crash or a
+kill would (os._exit: no clean-up, no atexit, no lock released), right after an optimiser step
+and the mid-epoch checkpoint of that step when one is due.
+
+TESTA_STOP_AFTER_STEP=N  every process stops after global optimiser step N
+                         (tests/test_reliability_training.py).
+TESTA_FAIL_AT_STEP=R:N   only rank R stops after step N, and only in torchrun's first attempt
+                         (TORCHELASTIC_RESTART_COUNT 0 or unset), so that a run under
+                         `torchrun --max-restarts` fails once and recovers (tests/test_restarts.py).
+
+Unset, they cost one integer comparison per optimiser step.
+"""
+import os
+import sys
+
+from training.distributed import get_rank
+from training.errors import UserError
+
+
+def exit_step() -> int:
+    """The global optimiser step after which this process exits; 0: never."""
+    stop_after = int(os.environ.get("TESTA_STOP_AFTER_STEP") or 0)
+    if stop_after:
+        return stop_after
+    fail_at = os.environ.get("TESTA_FAIL_AT_STEP")
+    if not fail_at or int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0:
+        return 0
+    rank, _, step = fail_at.partition(":")
+    if not (rank.isdigit() and step.isdigit()):
+        raise UserError(f"TESTA_FAIL_AT_STEP={fail_at}: expected RANK:STEP, e.g. 1:3")
+    return int(step) if int(rank) == get_rank() else 0
+
+
+def exit_abruptly(step: int) -> None:
+    # Not print(): the distributed set-up silences print() on every rank but 0.
+    sys.stdout.write(f"failure injection (rank {get_rank()}): stopping after optimiser step {step}\n")
+    sys.stdout.flush()
+    os._exit(137)
