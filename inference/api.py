@@ -1,0 +1,280 @@
+"""VideoLanguageModel: a trained checkpoint applied to your own video files.
+
+    from inference.api import VideoLanguageModel
+    from inference.index import VideoIndex, update_index
+    model = VideoLanguageModel.load("configs/toy/retrieval.yaml", "output/toy/retrieval/checkpoint_best.pth")
+    encoding = model.encode_videos(["a.mp4", "b.mp4"])      # .embeddings (2, 256), .failed
+    update_index(model, "toy_data/videos", "my_index")
+    hits = model.search("a red circle moves left", VideoIndex.open("my_index"), k=5)
+
+Videos are decoded exactly as the evaluation datasets decode them (ClipDataset with
+train=False: `num_frm_test` frames by `frm_sampling_strategy_test`, EvalTransform at
+`image_size`), so an embedding equals the one the evaluation computes for the same file,
+and re-ranking is the evaluation's own code (models.testa_retrieval.rerank_scores).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from configs.keys import value
+from data.datasets import RETRIEVAL_FORMATS, ClipDataset, encoder_layout
+from data.text import pre_caption, pre_question
+from data.video import VideoReadError, read_video, worker_init_fn
+from models import build_pretrain_model, build_qa_model, build_retrieval_model
+from models.checkpoint import (
+    CheckpointError,
+    checkpoint_family,
+    load_checkpoint,
+    read_state_dict,
+    task_of,
+)
+from models.testa_retrieval import rerank_scores
+from training.config import load_config
+from training.errors import UserError
+from training.precision import native_cpu_bf16
+
+BUILDERS = {"retrieval": build_retrieval_model, "QA": build_qa_model, "pre-training": build_pretrain_model}
+# Tasks a checkpoint of each task can be loaded as (docs/checkpoints.md, "Loading rules").
+LOADABLE_AS = {"retrieval": ("retrieval",), "QA": ("QA",), "pre-training": ("pre-training", "retrieval", "QA")}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEFAULT_BATCH_SIZE = 8
+
+
+def choose_device(device=None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a precision name; None runs fp32. 'auto' picks bf16 where it is
+    native (CUDA with bf16, or a CPU with AVX512/AMX), fp16 on older CUDA, else fp32: emulated
+    bf16 on an AVX2-only CPU is far slower than fp32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and native_cpu_bf16() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class VideoFiles(ClipDataset):
+    """Any list of video files as an evaluation dataset: item i is (clip, i, None), or
+    (None, i, reason) for a file no reader can decode, so one broken file stops nothing."""
+
+    def __init__(self, config: dict, paths):
+        super().__init__(config, "video files", train=False, substitute_black_on_error=False)
+        self.paths = [str(path) for path in paths]
+
+    def __len__(self):
+        return len(self.paths)
+
+    def item(self, index, rng=None):
+        try:
+            return self.load_video(self.paths[index]), index, None
+        except VideoReadError as error:
+            return None, index, str(error)
+
+
+def collate_clips(batch):
+    """(clips (B, C, T, H, W) or None, their indices, {index: reason} of the unreadable ones)."""
+    clips = [clip for clip, _, reason in batch if reason is None]
+    indices = [index for _, index, reason in batch if reason is None]
+    failed = {index: reason for _, index, reason in batch if reason is not None}
+    return (torch.stack(clips) if clips else None), indices, failed
+
+
+@dataclass
+class EncodedBatch:
+    indices: list[int]  # positions in the list of paths given
+    embeddings: torch.Tensor  # (B, embed_dim) float32, L2-normalised, on the CPU
+    tokens: torch.Tensor | None  # (B, N, D) float32 on the CPU: the video tokens ITM attends to
+    failed: dict[int, str]  # position -> one-line reason
+
+
+@dataclass
+class VideoEncoding:
+    paths: list[str]  # the files that decoded, in the order given; row i of embeddings is paths[i]
+    embeddings: torch.Tensor
+    tokens: torch.Tensor | None = None
+    failed: dict[str, str] = field(default_factory=dict)  # path -> one-line reason
+
+
+@dataclass
+class Clip:
+    frames: np.ndarray  # uint8 (T, H, W, 3): the sampled frames at the model's size, before normalisation
+    tensor: torch.Tensor  # (1, C, T, H, W) uint8: what the video encoder gets (it normalises on its device)
+
+
+@dataclass
+class Hit:
+    path: str
+    score: float | None  # ITM logit + ITC similarity when re-ranked (ITC alone with rerank=0), else None
+    itc_score: float
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "score": self.score, "itc_score": self.itc_score}
+
+
+def itc_shortlist(text_embedding: torch.Tensor, video_embeddings: np.ndarray, count: int):
+    """ITC similarities (1, N) of one text to every video, and the `count` best rows, best first."""
+    itc = text_embedding @ torch.from_numpy(np.asarray(video_embeddings, np.float32)).T
+    return itc, itc[0].topk(min(count, itc.shape[1])).indices.tolist()
+
+
+class VideoLanguageModel:
+    """A model of the family its checkpoint holds, in eval mode, with its config's decoding."""
+
+    def __init__(self, model, config: dict, checkpoint: Path, task: str, device: torch.device,
+                 dtype: torch.dtype | None):
+        self.model, self.config, self.checkpoint, self.task = model, config, checkpoint, task
+        self.device, self.dtype = device, dtype
+
+    @classmethod
+    def load(cls, config, checkpoint, device=None, precision: str = "auto", overrides=(), task: str | None = None,
+             verbose: bool = False) -> VideoLanguageModel:
+        """config: a YAML path or a dict; task: None for the checkpoint's own, or 'retrieval' to
+        search with a pre-training checkpoint (zero-shot), as the loading rules allow."""
+        config = load_config(config, overrides) if isinstance(config, (str, Path)) else dict(config)
+        state_dict = read_state_dict(str(checkpoint))
+        task = task or task_of(state_dict)
+        if task not in LOADABLE_AS.get(task_of(state_dict), ()):
+            raise CheckpointError(f"{checkpoint} is a {checkpoint_family(state_dict)} checkpoint: it cannot be "
+                                  f"used as a {task} model")
+        device = choose_device(device)
+        model = BUILDERS[task](config)
+        load_checkpoint(model, state_dict, verbose=verbose)
+        model.to(device).eval()
+        return cls(model, config, Path(checkpoint), task, device, autocast_dtype(precision, device))
+
+    def autocast(self):
+        return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _require(self, tasks: tuple, action: str) -> None:
+        if self.task not in tasks:
+            names = " or ".join(tasks)
+            raise UserError(f"{action} needs a {names} checkpoint; {self.checkpoint} is a {self.task} checkpoint")
+
+    # -- videos ---------------------------------------------------------------------
+    def video_loader(self, paths, batch_size: int | None = None, num_workers: int | None = None) -> DataLoader:
+        """Decoding in `num_workers` worker processes (default: the config's num_workers) while
+        the model encodes the previous batch."""
+        workers = value(self.config, "num_workers") if num_workers is None else num_workers
+        return DataLoader(VideoFiles(self.config, paths), batch_size=batch_size or DEFAULT_BATCH_SIZE,
+                          num_workers=workers, collate_fn=collate_clips, worker_init_fn=worker_init_fn,
+                          pin_memory=self.device.type == "cuda")
+
+    @torch.no_grad()
+    def iter_encoded(self, paths, batch_size: int | None = None, return_tokens: bool = False,
+                     num_workers: int | None = None):
+        """EncodedBatch after EncodedBatch, in the order of `paths` (for progress and streaming writes)."""
+        self._require(("retrieval", "pre-training"), "encoding videos")
+        for clips, indices, failed in self.video_loader(paths, batch_size, num_workers):
+            if clips is None:
+                yield EncodedBatch([], torch.empty(0, value(self.config, "embed_dim")), None, failed)
+                continue
+            with self.autocast():
+                tokens, embeddings = self.model.encode_video(clips.to(self.device, non_blocking=True))
+            yield EncodedBatch(indices, embeddings.float().cpu(), tokens.float().cpu() if return_tokens else None,
+                               failed)
+
+    def encode_videos(self, paths, batch_size: int | None = None, return_tokens: bool = False,
+                      num_workers: int | None = None) -> VideoEncoding:
+        """Normalised ITC embeddings of the files that decode (and their tokens, on request);
+        the others are in `.failed` with their reason."""
+        paths = [str(path) for path in paths]
+        batches = list(self.iter_encoded(paths, batch_size, return_tokens, num_workers))
+        indices = [index for batch in batches for index in batch.indices]
+        tokens = [batch.tokens for batch in batches if batch.tokens is not None]
+        no_rows = torch.empty(0, value(self.config, "embed_dim"))  # for an empty list of paths
+        return VideoEncoding([paths[i] for i in indices], torch.cat([no_rows, *(b.embeddings for b in batches)]),
+                             torch.cat(tokens) if return_tokens and tokens else None,
+                             {paths[i]: reason for batch in batches for i, reason in batch.failed.items()})
+
+    def load_clip(self, path) -> Clip:
+        """One video as the model sees it; an unreadable file raises VideoReadError."""
+        files = VideoFiles(self.config, [path])
+        frames = read_video(path, files.num_frm, files.strategy, files.decode_size)
+        tensor = encoder_layout(files.transform(frames)).unsqueeze(0)
+        return Clip(frames.permute(0, 2, 3, 1).numpy(), tensor)
+
+    # -- texts and search ---------------------------------------------------------------
+    def clean_text(self, text: str) -> str:
+        """A query as the config's retrieval dataset cleans its captions (pre_caption otherwise)."""
+        _, clean = RETRIEVAL_FORMATS.get(self.config.get("dataset"), (None, pre_caption))
+        return clean(text, value(self.config, "caption_max_words"))
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """(N, embed_dim) float32 normalised ITC embeddings of texts."""
+        self._require(("retrieval",), "encoding texts")
+        input_ids, attention_mask = self.model.tokenize([self.clean_text(text) for text in texts])
+        with self.autocast():
+            return self.model.encode_text(input_ids, attention_mask)[1].float().cpu()
+
+    @torch.no_grad()
+    def search(self, query: str, index, k: int = 10, rerank: int = 16) -> list[Hit]:
+        """The index's `k` best videos for `query`: ITC top-k, its top `rerank` re-ranked by ITM +
+        ITC exactly as the evaluation re-ranks. Without tokens in the index the candidates are
+        re-encoded from their files (their paths must still be readable)."""
+        self._require(("retrieval",), "search")
+        index.check_model(self)
+        itc, shortlist = itc_shortlist(self.encode_texts([query]), index.embeddings, max(k, rerank))
+        reranked = shortlist[:rerank]
+        hits = []
+        if reranked:
+            final = self._rerank(query, itc[:, reranked], index, reranked)
+            hits = sorted((Hit(index.paths[i], float(score), float(itc[0, i])) for i, score in zip(reranked, final)),
+                          key=lambda hit: -hit.score)  # stable: ITC order among equal scores
+        hits += [Hit(index.paths[i], None if rerank else float(itc[0, i]), float(itc[0, i]))
+                 for i in shortlist[len(reranked):]]
+        return hits[:k]
+
+    def _rerank(self, query: str, candidate_sims: torch.Tensor, index, rows: list[int]) -> torch.Tensor:
+        """rerank_scores over the candidates alone: (R,) ITM logit + ITC similarity."""
+        tokens = index.tokens_of(rows)
+        if tokens is None:
+            encoding = self.encode_videos([index.paths[i] for i in rows], return_tokens=True, num_workers=0)
+            if encoding.failed:
+                reason = next(iter(encoding.failed.values()))
+                raise UserError(f"cannot re-rank: {reason} (re-index to drop changed files)")
+            tokens = encoding.tokens
+        input_ids, attention_mask = self.model.tokenize([self.clean_text(query)])
+        with self.autocast():
+            scores = rerank_scores(self.model, candidate_sims.to(self.device), len(rows), tokens.to(self.device),
+                                   input_ids, attention_mask, torch.tensor([0]), video_rows=False,
+                                   batch_size=value(self.config, "k_test_batch_size"))
+        return scores[0].float().cpu()
+
+    # -- question answering and captions ---------------------------------------------------
+    @torch.no_grad()
+    def ask(self, video_path, question: str, answers: list[str] | None = None) -> str:
+        """The best of `answers` (the evaluation's ranking), or a generated answer without a list."""
+        self._require(("QA",), "ask")
+        clip = self.load_clip(video_path).tensor.to(self.device)
+        questions = [pre_question(question)]
+        with self.autocast():
+            if not answers:
+                return self.model.generate_answers(clip, questions)[0]
+            answer_ids, answer_mask, _ = self.model.tokenize_answers(list(answers))
+            k = self.config.get("k_test") or len(answers)  # the evaluation's k, when the config has one
+            return answers[int(self.model.rank_answers(clip, questions, answer_ids, answer_mask, k)[0])]
+
+    @torch.no_grad()
+    def caption(self, video_path, method: str = "beam", seed: int | None = None, **settings) -> str:
+        """A caption by beam search or nucleus sampling (settings: VideoPretrainModel.generate_caption_ids);
+        `seed` makes sampling repeatable without touching the global random state."""
+        self._require(("pre-training",), "caption")
+        if method not in ("beam", "nucleus"):
+            raise UserError(f"unknown caption method {method!r}; expected beam or nucleus")
+        clip = self.load_clip(video_path).tensor.to(self.device)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.autocast():
+            if seed is not None:
+                torch.manual_seed(seed)
+            return self.model.generate_captions(clip, sample=method == "nucleus", **settings)[0]

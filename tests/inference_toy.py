@@ -1,0 +1,49 @@
+"""A toy corpus and randomly initialised toy checkpoints of every family, for the inference tests."""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data.toy import write_corpus
+from models import build_pretrain_model, build_qa_model, build_retrieval_model
+from tests.helpers import REPO_ROOT
+from training.config import load_config
+
+# A 2-block toy model (two testa_r entries per block), decoding in the test process.
+SMALL = ["depth=2", "testa_r=[1, 2, 1, 2]", "num_workers=0"]
+FAMILIES = {"retrieval": ("retrieval.yaml", build_retrieval_model),
+            "qa": ("qa.yaml", build_qa_model),
+            "pretrain": ("pretrain.yaml", build_pretrain_model)}
+
+
+@dataclass
+class ToySetup:
+    corpus: Path
+    videos: Path
+    configs: dict  # family -> config path
+    overrides: list  # config overrides every family needs
+    checkpoints: dict  # family -> checkpoint path; "retrieval_other": another random retrieval model
+
+
+def save_checkpoint(model, path: Path) -> Path:
+    """The file layout training/checkpoints.py writes (its 'model' entry is what loading reads)."""
+    torch.save({"model": model.state_dict(), "epoch": 0, "global_step": 0}, path)
+    return path
+
+
+def make_toy_setup(folder: Path, num_clips: int = 8) -> ToySetup:
+    corpus = folder / "corpus"
+    write_corpus(corpus, num_clips=num_clips, frames=16, size=64, seed=0, num_images=1)
+    overrides = SMALL + [f"video_root={corpus / 'videos'}", f"ann_root={corpus / 'ann'}",
+                         f"med_config={REPO_ROOT / 'configs/toy/bert_toy.json'}"]
+    configs, checkpoints = {}, {}
+    for seed, (family, (name, build)) in enumerate(FAMILIES.items()):
+        configs[family] = REPO_ROOT / "configs" / "toy" / name
+        torch.manual_seed(seed)
+        model = build(load_config(configs[family], overrides))
+        checkpoints[family] = save_checkpoint(model, folder / f"{family}.pth")
+        if family == "retrieval":
+            torch.manual_seed(100)
+            other = build(load_config(configs[family], overrides))
+            checkpoints["retrieval_other"] = save_checkpoint(other, folder / "retrieval_other.pth")
+    return ToySetup(corpus, corpus / "videos", configs, overrides, checkpoints)
