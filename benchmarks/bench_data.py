@@ -15,7 +15,6 @@ import json
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -79,7 +78,7 @@ def main():
     args = parser.parse_args()
 
     worker_init_fn(0)  # one thread, as inside a DataLoader worker
-    folder = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    folder = Path(common.scratch_folder("bench_data_"))
     paths = [folder / f"clip{k}.mp4" for k in range(args.clips)]
     for seed, path in enumerate(paths):
         make_long_clip(path, args.seconds, args.fps, args.width, args.height, seed)

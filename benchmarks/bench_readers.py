@@ -17,7 +17,6 @@ DataLoader worker:
     python benchmarks/bench_readers.py --out benchmarks/results/readers_cpu.json
 """
 import random
-import tempfile
 from pathlib import Path
 
 import torch
@@ -125,7 +124,7 @@ def main():
     args = parser.parse_args()
 
     video.worker_init_fn(0)  # one decoder thread and one torch thread, as inside a DataLoader worker
-    compressed, raw = make_clips(Path(tempfile.mkdtemp(prefix="bench_readers_")), args.clips, args.seconds,
+    compressed, raw = make_clips(Path(common.scratch_folder("bench_readers_")), args.clips, args.seconds,
                                  args.width, args.height)
     readers = common.parse_list(args.readers)
     rows = reader_rows({"compressed": compressed, "raw": raw}, readers, common.parse_list(args.frames, int),

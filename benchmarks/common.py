@@ -7,13 +7,16 @@ achieved rate is reported in real FLOP/s (2 per multiply-add) to compare with th
 which is also 2 * n**3 / time.
 """
 import argparse
+import atexit
 import contextlib
 import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -35,6 +38,13 @@ def base_parser(description):
     parser.add_argument('--runs', type=int, default=3, help='timed runs per configuration')
     parser.add_argument('--warmup', type=int, default=1, help='untimed runs before timing')
     return parser
+
+
+def scratch_folder(prefix):
+    """A temporary folder for generated clips, removed when the benchmark exits."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def parse_list(text, cast=str):
