@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -103,9 +104,15 @@ def run_search(args) -> None:
         print(f"{'rank':>4}  {'score':>8}  {'itc':>7}  path")
         for rank, hit in enumerate(hits, 1):
             score = "-" if hit["score"] is None else f"{hit['score']:.4f}"
-            print(f"{rank:>4}  {score:>8}  {hit['itc_score']:>7.4f}  {hit['path']}")
+            print(f"{rank:>4}  {score:>8}  {hit['itc_score']:>7.4f}  {shown_path(hit['path'])}")
     if args.report:
         print(f"report: {write_search_report(model, args.report, args.query, hits)}")
+
+
+def shown_path(path: str) -> str:
+    """A path below the working folder relative to it (shorter to read), others as they are."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 def write_search_report(model, out_dir, query: str, hits: list[dict]) -> Path:

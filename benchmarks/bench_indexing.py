@@ -11,6 +11,7 @@ workers share the cores with the encoder, so the ratio there also says how littl
 decoding takes next to encoding; on a GPU decoding has the CPU to itself.
 
     python benchmarks/bench_indexing.py --out benchmarks/results/indexing_cpu.json
+    python benchmarks/bench_indexing.py --threads 1 --frames 8   # a core left to the decoding worker
 """
 import argparse
 import json
@@ -94,8 +95,13 @@ def main():
     parser.add_argument("--num_workers", type=int, default=1, help="decoding processes of the pipeline")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the encoding process (default: torch's); fewer than the cores "
+                             "leaves the decoding workers cores of their own, as a GPU run does")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     folder = Path(tempfile.mkdtemp(prefix="bench_indexing_"))
     try:

@@ -23,8 +23,8 @@ STYLE = """
 body { font-family: sans-serif; margin: 1.5rem; color: #222; }
 table { border-collapse: collapse; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.5rem; text-align: left; vertical-align: top; }
-td.path { font-family: monospace; word-break: break-all; max-width: 20rem; }
-img.tokens { max-width: 40rem; height: auto; }
+td.path { font-family: monospace; word-break: break-all; min-width: 14rem; max-width: 22rem; }
+img.tokens { width: 100%; min-width: 24rem; max-width: 40rem; height: auto; }
 """
 
 

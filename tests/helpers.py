@@ -1,4 +1,5 @@
 """Small builders shared by the tests and the GPU check scripts."""
+import json
 import sys
 from pathlib import Path
 
@@ -47,3 +48,12 @@ def e2e_evaluate_command(fmt: str, output_dir, *options) -> list[str]:
     overrides = [f"{key}={value}" for key, value in e2e_paths(fmt).items()]
     return [sys.executable, "train_video_retrieval.py", "--config", str(E2E / f"{fmt}.yaml"),
             "--output_dir", str(output_dir), "--evaluate", "--num_workers", "0", *options, *overrides]
+
+
+def training_outcome(out):
+    """What a finished training run leaves: log.txt, the last weights, and the test metrics
+    (without the tested checkpoint's path)."""
+    log = (out / "log.txt").read_text()
+    weights = torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=True)["model"]
+    result = json.loads((out / "test_results.txt").read_text().splitlines()[-1])
+    return log, weights, {key: value for key, value in result.items() if key != "checkpoint"}

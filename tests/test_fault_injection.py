@@ -1,7 +1,6 @@
 """Fault injection: a training run killed with SIGKILL at random steps and resumed each time ends
 exactly where an uninterrupted run ends: the same log.txt, weights and test metrics, with 0 and
 2 data-loader workers."""
-import json
 import os
 import random
 import re
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from data.toy import write_corpus
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, training_outcome
 
 PROGRESS = re.compile(r"Train epoch: \[(\d+)\] \[\s*(\d+)/(\d+)\]")
 KILLS = 2
@@ -59,24 +58,16 @@ def run_and_kill_at(corpus, out, workers, step):
     assert process.returncode == -signal.SIGKILL, f"the run ended before step {step}"
 
 
-def outcome(out):
-    log = (out / "log.txt").read_text()
-    weights = torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=True)["model"]
-    result = json.loads((out / "test_results.txt").read_text().splitlines()[-1])
-    metrics = {key: value for key, value in result.items() if key != "checkpoint"}
-    return log, weights, metrics
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_killed_and_resumed_runs_end_as_an_uninterrupted_one(corpus, tmp_path, workers):
     steps_per_epoch = run_to_the_end(corpus, tmp_path / "uninterrupted", workers)
-    expected_log, expected_weights, expected_metrics = outcome(tmp_path / "uninterrupted")
+    expected_log, expected_weights, expected_metrics = training_outcome(tmp_path / "uninterrupted")
     kill_steps = sorted(random.Random(workers).sample(range(1, 2 * steps_per_epoch), KILLS))
     resumed = tmp_path / "killed"
     for step in kill_steps:
         run_and_kill_at(corpus, resumed, workers, step)
     run_to_the_end(corpus, resumed, workers)
-    log, weights, metrics = outcome(resumed)
+    log, weights, metrics = training_outcome(resumed)
     assert log == expected_log
     assert metrics == expected_metrics
     assert weights.keys() == expected_weights.keys()

@@ -2,12 +2,12 @@
 mid-epoch (TESTA_FAIL_AT_STEP), torchrun stops the other and restarts both, they resume from
 checkpoint_last.pth, and the run ends exactly as an uninterrupted one: log.txt, weights and
 test metrics."""
-import json
 
 import pytest
 import torch
 
 from data.toy import write_corpus
+from tests.helpers import training_outcome
 from tests.launching import environment, run_together, torchrun_nodes
 from training.fault_injection import exit_step
 
@@ -32,18 +32,11 @@ def fine_tune(corpus, out, **variables) -> str:
     return run_together([command], [environment(**variables)])[0]
 
 
-def outcome(out):
-    log = (out / "log.txt").read_text()
-    weights = torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=True)["model"]
-    result = json.loads((out / "test_results.txt").read_text().splitlines()[-1])
-    return log, weights, {key: value for key, value in result.items() if key != "checkpoint"}
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     fine_tune(corpus, out)
-    return outcome(out)
+    return training_outcome(out)
 
 
 # Rank 0 in the first epoch (its output folder lock is left behind by the dead process and
@@ -53,7 +46,7 @@ def test_a_restarted_run_ends_as_an_uninterrupted_one(corpus, uninterrupted, tmp
     output = fine_tune(corpus, tmp_path, TESTA_FAIL_AT_STEP=f"{rank}:{step}")
     assert f"failure injection (rank {rank}): stopping after optimiser step {step}" in output
     assert "resumed from" in output, output[-3000:]
-    log, weights, metrics = outcome(tmp_path)
+    log, weights, metrics = training_outcome(tmp_path)
     expected_log, expected_weights, expected_metrics = uninterrupted
     assert log == expected_log
     assert metrics == expected_metrics
