@@ -17,10 +17,14 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _text_config(config: dict, default_file: str, vision_width: int, vocab_size: int) -> BertConfig:
-    path = value(config, "med_config") or str(CONFIG_DIR / default_file)
-    if not Path(path).is_file():
+    path = Path(value(config, "med_config") or CONFIG_DIR / default_file)
+    if not path.is_file() and not path.is_absolute() and (CONFIG_DIR.parent / path).is_file():
+        # The published configs name it relative to the repository (configs/...): that works from
+        # any working folder, e.g. a saved config.yaml or an index's manifest read from elsewhere.
+        path = CONFIG_DIR.parent / path
+    if not path.is_file():
         raise FileNotFoundError(f"BERT config not found: {path} (config key 'med_config')")
-    text_config = BertConfig.from_json_file(path)
+    text_config = BertConfig.from_json_file(str(path))
     text_config.encoder_width = vision_width
     # [DEC] and [ENC] extend the BERT vocabulary (30522 -> 30524), as in BLIP.
     text_config.vocab_size = vocab_size

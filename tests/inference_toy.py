@@ -35,7 +35,7 @@ def make_toy_setup(folder: Path, num_clips: int = 8) -> ToySetup:
     corpus = folder / "corpus"
     write_corpus(corpus, num_clips=num_clips, frames=16, size=64, seed=0, num_images=1)
     overrides = SMALL + [f"video_root={corpus / 'videos'}", f"ann_root={corpus / 'ann'}",
-                         f"med_config={REPO_ROOT / 'configs/toy/bert_toy.json'}"]
+                         "med_config=configs/toy/bert_toy.json"]  # as written in configs: relative to the repo
     configs, checkpoints = {}, {}
     for seed, (family, (name, build)) in enumerate(FAMILIES.items()):
         configs[family] = REPO_ROOT / "configs" / "toy" / name

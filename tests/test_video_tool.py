@@ -115,9 +115,10 @@ def test_search_table_json_and_report(toy, folder, tmp_path, capsys):
     assert lines[3].split()[1] == "-"  # beyond --rerank: ITC only
 
     report = tmp_path / "report"
-    command = [sys.executable, "video_tool.py", "search", "--index", str(index), "a red circle moves left", "-k",
-               "2", "--json", "--report", str(report)]
-    result = subprocess.run(command, check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(REPO_ROOT / "video_tool.py"), "search", "--index", str(index),
+               "a red circle moves left", "-k", "2", "--json", "--report", str(report)]
+    # From another working folder: the manifest's config names med_config relative to the repository.
+    result = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout[:result.stdout.rindex("}") + 1])
     assert [hit["rank"] for hit in payload["hits"]] == [1, 2]
