@@ -1,8 +1,10 @@
 """Small generic helpers the scripts, training core and benchmarks share: seeding and RNG
 state, the CPU allocator setting, atomic saves and moving nested batches to a device."""
 import ctypes
+import datetime
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +104,41 @@ def move_to_device(batch, device: torch.device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to_device(value, device) for value in batch)
     return batch
+
+
+def dispatched_ops(function) -> list[str]:
+    """The aten operations `function()` dispatches, in order: equal lists mean the same work,
+    which timing cannot show to within 1% on a busy machine."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder() as recorder:
+        function()
+    return recorder.ops
+
+
+class ProgressLine:
+    """'{label} done/total unit  rate unit/s  eta H:MM:SS[  extra]' for long loops: at most
+    every `every_s` seconds, and when the last item is done."""
+
+    def __init__(self, label: str, total: int, unit: str, every_s: float = 5.0, start: int = 0):
+        self.label, self.total, self.unit, self.every_s, self.start = label, total, unit, every_s, start
+        self.began = self.last = time.time()
+
+    def update(self, done: int, extra: str = "") -> None:
+        now = time.time()
+        if now - self.last < self.every_s and done < self.total:
+            return
+        self.last = now
+        rate = (done - self.start) / max(now - self.began, 1e-9)
+        eta = datetime.timedelta(seconds=int((self.total - done) / rate)) if rate else "?"
+        print(f"{self.label} {done}/{self.total} {self.unit}  {rate:.1f} {self.unit}/s  eta {eta}"
+              + (f"  {extra}" if extra else ""), flush=True)

@@ -12,6 +12,7 @@ mistake in the input prints one `error:` line and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -119,11 +120,13 @@ def write_search_report(model, out_dir, query: str, hits: list[dict]) -> Path:
     from inference.aggregation import render_aggregation
     from inference.report import write_report
 
+    clip_of = functools.lru_cache(maxsize=None)(model.load_clip)  # the strip and the picture: one decode
+
     def picture_of(path, out_png):
-        clip = model.load_clip(path)
+        clip = clip_of(path)
         return render_aggregation(model.model.visual_encoder, clip.tensor.to(model.device), clip.frames, out_png)[0]
 
-    return write_report(Path(out_dir), query, hits, lambda path: model.load_clip(path).frames, picture_of)
+    return write_report(Path(out_dir), query, hits, lambda path: clip_of(path).frames, picture_of)
 
 
 def read_answers(path) -> list[str]:

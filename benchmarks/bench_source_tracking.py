@@ -28,11 +28,10 @@ import tempfile
 
 import common
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.timesformer import build_video_encoder
 from training.config import load_config
-from utils import keep_freed_cpu_memory
+from utils import dispatched_ops, keep_freed_cpu_memory
 
 CONFIG = 'configs/retrieval_didemo_f32.yaml'
 # The last revision whose encoder tracked sources only through the `trace_source` constructor flag.
@@ -72,24 +71,6 @@ def import_baseline_models(revision, folder):
         for name in [name for name in sys.modules if name.split('.')[0] == 'models']:
             del sys.modules[name]
         sys.modules.update(ours)
-
-
-class OpRecorder(TorchDispatchMode):
-    """Names of the aten ops dispatched while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def dispatched_ops(function):
-    with OpRecorder() as recorder:
-        function()
-    return recorder.ops
 
 
 def forwards(baseline_module, config, batch, device):

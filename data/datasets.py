@@ -77,6 +77,7 @@ class ClipDataset(Dataset):
         if train:
             self.decode_size = max(value(config, "video_resize"), self.image_size)
             self.transform = VideoTrainTransform(self.image_size)
+            self.image_transform = ImageTrainTransform(self.image_size, self.num_frm)  # pre-training's images
         else:
             self.decode_size = self.image_size
             self.transform = EvalTransform(self.image_size)
@@ -99,17 +100,29 @@ class ClipDataset(Dataset):
         global RNGs drive dropout and are saved in checkpoints."""
         return random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{index}")  # str seeds hash stably
 
-    def load_video(self, path, rng=None):
+    def load_video(self, path, rng=None, name=None):
+        """The clip of a video file, or of its bytes (`name` then says which video it is)."""
         try:
-            clip = read_video(path, self.num_frm, self.strategy, self.decode_size, rng, training=self.train)
+            clip = read_video(path, self.num_frm, self.strategy, self.decode_size, rng, name=name,
+                              training=self.train)
         except VideoReadError as err:
             if not (self.train or self.substitute_black_on_error):
                 raise  # evaluation never substitutes silently
-            self.bad_inputs.record(path, err)
+            self.bad_inputs.record(name or path, err)
             if self.train:
                 raise  # __getitem__ replaces the item
             clip = torch.zeros(self.num_frm, 3, self.image_size, self.image_size, dtype=torch.uint8)
         return encoder_layout(self.transform(clip, rng or random) if self.train else self.transform(clip))
+
+    def load_image(self, source, rng=None, name=None):
+        """A training image (a path or a file object; `name` names it in errors) as a pseudo-clip."""
+        try:
+            with Image.open(source) as picture:
+                image = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1).contiguous()
+        except Exception as err:  # PIL raises many types for a broken picture
+            self.bad_inputs.record(name or source, err)
+            raise VideoReadError(name or source, err) from err
+        return encoder_layout(self.image_transform(image, rng or random))
 
     def item(self, index, rng=None):
         """Item `index`; training items draw every random choice from `rng`."""
@@ -144,19 +157,9 @@ class PretrainDataset(ClipDataset):
             with layout_of(path, 'a list of {"path", "caption"} objects'):
                 items += [(self.video_root / e["path"], e["caption"]) for e in entries]
         self.items = drop_missing(items, lambda item: item[0], name, split, self.video_root)
-        self.image_transform = ImageTrainTransform(self.image_size, self.num_frm)
 
     def __len__(self):
         return len(self.items)
-
-    def load_image(self, path, rng=None):
-        try:
-            with Image.open(path) as picture:
-                image = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1).contiguous()
-        except Exception as err:
-            self.bad_inputs.record(path, err)
-            raise VideoReadError(path, err) from err
-        return encoder_layout(self.image_transform(image, rng or random))
 
     def item(self, index, rng=None):
         path, caption = self.items[index]

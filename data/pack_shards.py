@@ -16,13 +16,14 @@ undecodable ones) go to bad_files.txt with the reason, never stop the run. At th
 manifest.json lists the shards with their sample counts; the streaming dataset reads it.
 """
 import argparse
-import datetime
 import io
 import json
 import os
 import sys
 import time
 from pathlib import Path
+
+from utils import ProgressLine
 
 from .annotations import layout_of, read_json
 from .errors import DataError
@@ -145,7 +146,8 @@ class ShardPacker:
         import webdataset
 
         self.remove_partial_shards()
-        report = ProgressReport(len(self.rows), self.row)
+        progress = ProgressLine("[pack]", len(self.rows), "rows", REPORT_EVERY_S, start=self.row)
+        packed_bytes = 0
         arguments = self.progress["arguments"]
         writer = webdataset.ShardWriter(self.pattern(), maxcount=arguments["max_samples"] or sys.maxsize,
                                         maxsize=arguments["max_bytes"],
@@ -156,33 +158,16 @@ class ShardPacker:
             sample = self.sample(row)
             if sample is not None:
                 writer.write(sample)
-                report.bytes += len(sample[extension_of(self.rows[row][1])])
+                packed_bytes += len(sample[extension_of(self.rows[row][1])])
                 self.pending_samples += 1
-            report.maybe_print(row + 1, len(self.progress["shards"]), len(self.progress["bad"]))
+            megabytes_per_s = packed_bytes / max(time.time() - progress.began, 1e-9) / 1e6
+            progress.update(row + 1, f"{len(self.progress['shards'])} shards done, {len(self.progress['bad'])} "
+                                     f"bad files, {megabytes_per_s:.1f} MB/s")
         self.row = len(self.rows)
         writer.close()
-        report.maybe_print(self.row, len(self.progress["shards"]), len(self.progress["bad"]), force=True)
         self.progress["next_row"] = self.row
         write_json_atomically(self.out / PROGRESS, self.progress)  # also when the last shard was empty
         self.write_bad_files()
-
-
-class ProgressReport:
-    """A line every few seconds: rows done, rate and time left."""
-
-    def __init__(self, total_rows, first_row):
-        self.total, self.first, self.began, self.last, self.bytes = total_rows, first_row, time.time(), 0.0, 0
-
-    def maybe_print(self, done, shards, bad, force=False):
-        now = time.time()
-        if not force and now - self.last < REPORT_EVERY_S:
-            return
-        self.last = now
-        elapsed = max(now - self.began, 1e-9)
-        rate = (done - self.first) / elapsed
-        left = datetime.timedelta(seconds=round((self.total - done) / rate)) if rate else "?"
-        print(f"[pack] {done}/{self.total} rows, {shards} shards done, {bad} bad files, {rate:.1f} rows/s, "
-              f"{self.bytes / elapsed / 1e6:.1f} MB/s, ETA {left}", flush=True)
 
 
 def manifest_of(progress):

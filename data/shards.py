@@ -21,19 +21,15 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from configs.keys import ConfigError, value
 
-from .datasets import VIDEO_EXTENSIONS, ClipDataset, create_dataset, encoder_layout
+from .datasets import VIDEO_EXTENSIONS, ClipDataset, create_dataset
 from .errors import DataError
 from .text import pre_caption
-from .transforms import ImageTrainTransform
-from .video import VideoReadError, read_video
+from .video import VideoReadError
 
 MANIFEST = "manifest.json"  # written by data.pack_shards beside the shards
 METADATA_FIELDS = ("txt", "json")
@@ -122,7 +118,6 @@ class ShardedPretrainDataset(ClipDataset, IterableDataset):
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
         self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
-        self.image_transform = ImageTrainTransform(self.image_size, self.num_frm)
         self.shuffle_buffer = value(config, "shard_shuffle_buffer")
         self.batch_size = value(config, "batch_size", f"dataset {name!r}")
         self.urls = expand_shards(value(config, "train_shards"))
@@ -205,27 +200,10 @@ class ShardedPretrainDataset(ClipDataset, IterableDataset):
             raise VideoReadError(name, reason)
         data = sample[media[0]]
         if f".{media[0]}" in VIDEO_EXTENSIONS:
-            clip = self.load_video_bytes(data, name, rng)
+            clip = self.load_video(data, rng, name)
         else:
-            clip = self.load_image_bytes(data, name, rng)
+            clip = self.load_image(io.BytesIO(data), rng, name)
         return clip, pre_caption(sample["txt"].decode("utf-8"), self.max_words)
-
-    def load_video_bytes(self, data, name, rng):
-        try:
-            clip = read_video(data, self.num_frm, self.strategy, self.decode_size, rng, name=name, training=self.train)
-        except VideoReadError as err:
-            self.bad_inputs.record(name, err)
-            raise
-        return encoder_layout(self.transform(clip, rng))
-
-    def load_image_bytes(self, data, name, rng):
-        try:
-            with Image.open(io.BytesIO(data)) as picture:
-                image = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1).contiguous()
-        except Exception as err:  # PIL raises many types for a broken picture
-            self.bad_inputs.record(name, err)
-            raise VideoReadError(name, err) from err
-        return encoder_layout(self.image_transform(image, rng))
 
 
 def create_pretrain_dataset(name, config, rank=None, world_size=None):

@@ -131,7 +131,7 @@ def render_aggregation(encoder, clip: Tensor, frames: np.ndarray, out_path, per_
                        gif: bool = False, scale: int = 1, seed: int = 0) -> list[pathlib.Path]:
     """Write the picture of the tokens ``encoder`` (a TimeSformer) ends with for ``clip``.
 
-    clip: the (1, C, T, H, W) float tensor the encoder gets; frames: the same frames as uint8
+    clip: the (1, C, T, H, W) tensor the encoder gets (uint8 or normalised); frames: the same frames as uint8
     (T, H, W, 3). Writes ``out_path`` (PNG); with ``per_block`` also ``<stem>_block01.png``...
     (after each block); with ``gif`` an animated ``<stem>_blocks.gif`` stepping through the
     blocks. The encoder runs in eval mode (no stochastic depth) and is put back as it was.

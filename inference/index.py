@@ -26,10 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +35,7 @@ import torch
 
 from configs.keys import value
 from training.errors import UserError
+from utils import ProgressLine
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -127,24 +126,6 @@ class VideoIndex:
     def tokens_of(self, rows: list[int]) -> torch.Tensor | None:
         """The stored fp16 tokens of `rows` (only they are read from disk), or None without tokens."""
         return None if self.tokens is None else torch.from_numpy(np.ascontiguousarray(self.tokens[rows]))
-
-
-class Progress:
-    """'index: 40/100 videos  12.3 videos/s  eta 0:00:05', every few seconds and at the end."""
-
-    def __init__(self, total: int):
-        self.total, self.done = total, 0
-        self.began = self.last = time.time()
-
-    def update(self, count: int) -> None:
-        self.done += count
-        now = time.time()
-        if now - self.last < PROGRESS_EVERY_S and self.done < self.total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.began, 1e-9)
-        eta = timedelta(seconds=int((self.total - self.done) / max(rate, 1e-9)))
-        print(f"index: {self.done}/{self.total} videos  {rate:.1f} videos/s  eta {eta}", flush=True)
 
 
 @dataclass
@@ -272,12 +253,13 @@ def update_index(model, video_folder, index_folder, batch_size: int | None = Non
 def _encode_new(model, writer: IndexWriter, video_folder: Path, to_encode: list[str], found: dict,
                 batch_size, num_workers, with_tokens: bool) -> dict[str, str]:
     """Encode `to_encode` into `writer`, printing progress; {relative path: reason} of the failures."""
-    progress, failed = Progress(len(to_encode)), {}
+    progress, failed, done = ProgressLine("index:", len(to_encode), "videos", PROGRESS_EVERY_S), {}, 0
     paths = [video_folder / path for path in to_encode]
     for batch in model.iter_encoded(paths, batch_size, return_tokens=with_tokens, num_workers=num_workers):
         files = [{"path": to_encode[i], **found[to_encode[i]]} for i in batch.indices]
         if files:
             writer.add(files, batch.embeddings.numpy(), batch.tokens.half().numpy() if with_tokens else None)
         failed.update({to_encode[i]: reason for i, reason in batch.failed.items()})
-        progress.update(len(batch.indices) + len(batch.failed))
+        done += len(batch.indices) + len(batch.failed)
+        progress.update(done)
     return failed

@@ -43,3 +43,12 @@ def pretrain(fixtures_dir):
     from tests.helpers import fixture_config, load_exact
     model = load_exact(build_pretrain_model(fixture_config("pretrain")), fixtures_dir / "pretrain.pth")
     return model, load_reference(fixtures_dir / "pretrain_ref.pt")
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory) -> Path:
+    """12 toy clips and 2 images (a few steps per epoch): the multi-process runs' corpus."""
+    from data.toy import write_corpus
+    root = tmp_path_factory.mktemp("toy")
+    write_corpus(root, num_clips=12, frames=8, size=64, seed=0, num_images=2)
+    return root

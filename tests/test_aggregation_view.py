@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.pixels import normalize
 from inference.aggregation import (
@@ -22,6 +21,7 @@ from inference.aggregation import (
 )
 from models.timesformer import TimeSformer
 from tests.helpers import REPO_ROOT
+from utils import dispatched_ops
 
 TINY = dict(img_size=64, embed_dim=32, num_heads=2, num_frames=8)
 
@@ -126,34 +126,17 @@ def test_bad_inputs_are_refused():
         token_regions(torch.ones(3, 1 + 8 * 16), 8, (4, 4))
 
 
-class _OpRecorder(TorchDispatchMode):
-    """The aten ops dispatched while active, in order."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def _dispatched_ops(forward):
-    with torch.no_grad(), _OpRecorder() as recorder:
-        forward()
-    return recorder.ops
-
-
 def test_tracking_off_dispatches_the_plain_forward_ops_whatever_the_default():
     """The bookkeeping costs nothing when off: the plain forward dispatches the same operations
     whatever the encoder's tracking default, and switching tracking on adds some."""
     clip = _clip(_frames_with_a_repeat())
     encoder = _encoder(testa_r=[1, 4, 1, 3])
-    plain = _dispatched_ops(lambda: encoder(clip))
-    traced = _dispatched_ops(lambda: encoder.forward_with_trace(clip, sources=False))  # records block outputs
-    encoder.trace_source = True  # only forward_with_trace's default: the plain forward never tracks
-    assert _dispatched_ops(lambda: encoder(clip)) == plain
-    assert len(_dispatched_ops(lambda: encoder.forward_with_trace(clip))) > len(traced)
+    with torch.no_grad():
+        plain = dispatched_ops(lambda: encoder(clip))
+        traced = dispatched_ops(lambda: encoder.forward_with_trace(clip, sources=False))  # records block outputs
+        encoder.trace_source = True  # only forward_with_trace's default: the plain forward never tracks
+        assert dispatched_ops(lambda: encoder(clip)) == plain
+        assert len(dispatched_ops(lambda: encoder.forward_with_trace(clip))) > len(traced)
 
 
 def test_source_tracking_benchmark_finds_the_off_path_unchanged(tmp_path):

@@ -10,23 +10,15 @@ import math
 import pytest
 import torch
 
-from data.toy import write_corpus
 from tests.launching import environment, run_together, torchrun_nodes
 from training.compile import compile_visual_encoder
 from training.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    write_corpus(root, num_clips=12, frames=8, size=64, seed=0, num_images=2)
-    return root
-
-
-def fine_tune(corpus, out, *flags) -> str:
+def fine_tune(small_corpus, out, *flags) -> str:
     script = ["train_video_retrieval.py", "--config", "configs/toy/retrieval.yaml", "--output_dir", str(out),
-              "--device", "cpu", "--num_workers", "0", *flags, f"video_root={corpus}/videos",
-              f"ann_root={corpus}/ann", "depth=2", "max_epoch=1", "batch_size_train=2", "batch_size_test=8"]
+              "--device", "cpu", "--num_workers", "0", *flags, f"video_root={small_corpus}/videos",
+              f"ann_root={small_corpus}/ann", "depth=2", "max_epoch=1", "batch_size_train=2", "batch_size_test=8"]
     [command] = torchrun_nodes(script, nnodes=1, nproc_per_node=2)
     return run_together([command], [environment(TESTA_COMPILE_BACKEND="aot_eager")])[0]
 
@@ -36,10 +28,10 @@ def training_losses(out) -> dict:
     return {name: loss for name, loss in record.items() if name.startswith("train_loss")}
 
 
-def test_compiled_run_has_the_eager_losses_and_checkpoint_keys(corpus, tmp_path):
-    output = fine_tune(corpus, tmp_path / "compiled", "--compile")
+def test_compiled_run_has_the_eager_losses_and_checkpoint_keys(small_corpus, tmp_path):
+    output = fine_tune(small_corpus, tmp_path / "compiled", "--compile")
     assert "the visual encoder is compiled by torch.compile (backend aot_eager)" in output
-    fine_tune(corpus, tmp_path / "eager")
+    fine_tune(small_corpus, tmp_path / "eager")
     compiled, eager = training_losses(tmp_path / "compiled"), training_losses(tmp_path / "eager")
     assert compiled.keys() == eager.keys() and compiled
     for name, loss in eager.items():

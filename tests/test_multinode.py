@@ -7,29 +7,21 @@ import sys
 import pytest
 import torch
 
-from data.toy import write_corpus
 from tests.launching import environment, free_port, run_together, torchrun_nodes
 from training.distributed import expand_hostlist, slurm_environment
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    write_corpus(root, num_clips=12, frames=8, size=64, seed=0, num_images=2)
-    return root
-
-
-def pretrain_args(corpus, out) -> list[str]:
+def pretrain_args(small_corpus, out) -> list[str]:
     return ["video_pretrain.py", "--config", "configs/toy/pretrain.yaml", "--output_dir", str(out),
-            "--device", "cpu", "--num_workers", "0", f"train_file=[{corpus}/ann/pretrain.json]",
-            f"video_root={corpus}", "depth=2", "max_epoch=1", "batch_size=2"]
+            "--device", "cpu", "--num_workers", "0", f"train_file=[{small_corpus}/ann/pretrain.json]",
+            f"video_root={small_corpus}", "depth=2", "max_epoch=1", "batch_size=2"]
 
 
-def evaluate_args(corpus, out, pretrained) -> list[str]:
+def evaluate_args(small_corpus, out, pretrained) -> list[str]:
     # Two test videos per batch: each of two processes encodes and re-ranks its own batches.
     return ["train_video_retrieval.py", "--config", "configs/toy/retrieval.yaml", "--output_dir", str(out),
-            "--device", "cpu", "--evaluate", "--num_workers", "0", f"video_root={corpus}/videos",
-            f"ann_root={corpus}/ann", f"pretrained={pretrained}", "depth=2", "batch_size_test=2"]
+            "--device", "cpu", "--evaluate", "--num_workers", "0", f"video_root={small_corpus}/videos",
+            f"ann_root={small_corpus}/ann", f"pretrained={pretrained}", "depth=2", "batch_size_test=2"]
 
 
 def weights(out):
@@ -42,16 +34,16 @@ def evaluation(out):
 
 
 @pytest.fixture(scope="module")
-def two_node_checkpoint(corpus, tmp_path_factory):
+def two_node_checkpoint(small_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("two_nodes") / "pretrain"
-    run_together(torchrun_nodes(pretrain_args(corpus, out), nnodes=2, nproc_per_node=1))
+    run_together(torchrun_nodes(pretrain_args(small_corpus, out), nnodes=2, nproc_per_node=1))
     return out / "checkpoint_last.pth"
 
 
 @pytest.fixture(scope="module")
-def single_process_evaluation(corpus, two_node_checkpoint, tmp_path_factory):
+def single_process_evaluation(small_corpus, two_node_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("one_process")
-    run_together([[sys.executable, *evaluate_args(corpus, out, two_node_checkpoint)]])
+    run_together([[sys.executable, *evaluate_args(small_corpus, out, two_node_checkpoint)]])
     return evaluation(out)
 
 
@@ -63,25 +55,25 @@ def assert_same_evaluation(found, expected):
         assert torch.equal(scores[name], expected_scores[name]), name
 
 
-def test_two_node_pretraining_equals_one_node_of_two_processes(corpus, two_node_checkpoint, tmp_path):
-    run_together(torchrun_nodes(pretrain_args(corpus, tmp_path), nnodes=1, nproc_per_node=2))
+def test_two_node_pretraining_equals_one_node_of_two_processes(small_corpus, two_node_checkpoint, tmp_path):
+    run_together(torchrun_nodes(pretrain_args(small_corpus, tmp_path), nnodes=1, nproc_per_node=2))
     expected, found = weights(tmp_path), weights(two_node_checkpoint.parent)
     assert found.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(found[name], tensor), name
 
 
-def test_two_node_evaluation_equals_one_process(corpus, two_node_checkpoint, single_process_evaluation, tmp_path):
-    run_together(torchrun_nodes(evaluate_args(corpus, tmp_path, two_node_checkpoint), nnodes=2, nproc_per_node=1))
+def test_two_node_evaluation_equals_one_process(small_corpus, two_node_checkpoint, single_process_evaluation, tmp_path):
+    run_together(torchrun_nodes(evaluate_args(small_corpus, tmp_path, two_node_checkpoint), nnodes=2, nproc_per_node=1))
     assert_same_evaluation(evaluation(tmp_path), single_process_evaluation)
 
 
-def test_srun_tasks_without_torchrun_equal_one_process(corpus, two_node_checkpoint, single_process_evaluation,
+def test_srun_tasks_without_torchrun_equal_one_process(small_corpus, two_node_checkpoint, single_process_evaluation,
                                                        tmp_path):
     port = str(free_port())
     tasks = [environment(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_JOB_ID="1",
                          SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=port) for rank in range(2)]
-    command = [sys.executable, *evaluate_args(corpus, tmp_path, two_node_checkpoint)]
+    command = [sys.executable, *evaluate_args(small_corpus, tmp_path, two_node_checkpoint)]
     outputs = run_together([command, command], tasks)
     assert "distributed init (rank 0 of 2, gloo)" in outputs[0]
     assert_same_evaluation(evaluation(tmp_path), single_process_evaluation)

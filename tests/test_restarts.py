@@ -6,7 +6,6 @@ test metrics."""
 import pytest
 import torch
 
-from data.toy import write_corpus
 from tests.helpers import training_outcome
 from tests.launching import environment, run_together, torchrun_nodes
 from training.fault_injection import exit_step
@@ -15,35 +14,28 @@ from training.fault_injection import exit_step
 STEPS_PER_EPOCH = 2
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    write_corpus(root, num_clips=12, frames=8, size=64, seed=0, num_images=2)
-    return root
-
-
-def fine_tune(corpus, out, **variables) -> str:
+def fine_tune(small_corpus, out, **variables) -> str:
     """Two-process retrieval fine-tuning under torchrun --max-restarts=1; returns its output."""
     script = ["train_video_retrieval.py", "--config", "configs/toy/retrieval.yaml", "--output_dir", str(out),
               "--device", "cpu", "--save_every_steps", "1", "--log_every", "1", "--num_workers", "0",
-              f"video_root={corpus}/videos", f"ann_root={corpus}/ann", "depth=2", "max_epoch=2",
+              f"video_root={small_corpus}/videos", f"ann_root={small_corpus}/ann", "depth=2", "max_epoch=2",
               "batch_size_train=2", "batch_size_test=8"]
     [command] = torchrun_nodes(script, nnodes=1, nproc_per_node=2, max_restarts=1)
     return run_together([command], [environment(**variables)])[0]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(corpus, tmp_path_factory):
+def uninterrupted(small_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    fine_tune(corpus, out)
+    fine_tune(small_corpus, out)
     return training_outcome(out)
 
 
 # Rank 0 in the first epoch (its output folder lock is left behind by the dead process and
 # must be taken over), rank 1 in the second (after an epoch was logged).
 @pytest.mark.parametrize("rank, step", [(0, 1), (1, STEPS_PER_EPOCH + 1)])
-def test_a_restarted_run_ends_as_an_uninterrupted_one(corpus, uninterrupted, tmp_path, rank, step):
-    output = fine_tune(corpus, tmp_path, TESTA_FAIL_AT_STEP=f"{rank}:{step}")
+def test_a_restarted_run_ends_as_an_uninterrupted_one(small_corpus, uninterrupted, tmp_path, rank, step):
+    output = fine_tune(small_corpus, tmp_path, TESTA_FAIL_AT_STEP=f"{rank}:{step}")
     assert f"failure injection (rank {rank}): stopping after optimiser step {step}" in output
     assert "resumed from" in output, output[-3000:]
     log, weights, metrics = training_outcome(tmp_path)

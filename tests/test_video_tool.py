@@ -93,7 +93,7 @@ def test_interrupted_update_leaves_the_previous_index(toy, folder, tmp_path, cap
     def interrupt(self, count):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(inference.index.Progress, "update", interrupt)
+    monkeypatch.setattr(inference.index.ProgressLine, "update", interrupt)
     with pytest.raises(KeyboardInterrupt):
         video_tool.main(["index", str(folder), "--index", str(index), "--tokens", "--num_workers", "0"])
     assert (index / "manifest.json").read_text() == before
