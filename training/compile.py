@@ -13,8 +13,8 @@ import torch
 from training.errors import UserError
 
 # A testing aid, not for users: another torch.compile backend than inductor, e.g. aot_eager,
-# which traces the same graphs and backward but generates no C++ (inductor takes ~45 s to
-# compile the toy encoder on a 2-vCPU machine).
+# which traces the same graphs and backward but generates no C++ (inductor spends about
+# 95 s compiling a toy run on a 2-vCPU machine: docs/scale_out.md).
 BACKEND_VARIABLE = "TESTA_COMPILE_BACKEND"
 
 
