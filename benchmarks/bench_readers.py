@@ -24,7 +24,7 @@ import torch
 import common
 from bench_data import compress, make_long_clip
 from data import video
-from data.transforms import AUGMENT_OPS, VideoTrainTransform
+from data.transforms import AUGMENT_OPS, OP_PARAMETERS, VideoTrainTransform
 from models.pixels import normalize
 
 EVAL_SIZE, TRAIN_SIZE, IMAGE_SIZE = 224, 256, 224
@@ -63,12 +63,12 @@ def reader_rows(clip_sets, readers, frame_counts, repeats):
 def stage_times(path, repeats, batch_size):
     """Milliseconds (wall, CPU) per 32-frame training clip of each stage of the pipeline."""
     rng = random.Random(0)
-    frames = video.read_video(path, 32, "rand", None, rng, training=True)
-    resized = video.read_video(path, 32, "rand", TRAIN_SIZE, rng, training=True)
+    frames = video.read_video(path, 32, "rand", None, rng)
+    resized = video.read_video(path, 32, "rand", TRAIN_SIZE, rng)
     augmented = VideoTrainTransform(IMAGE_SIZE)(resized, rng)
     normalised = normalize(augmented)
     stages = {
-        "decode (native size)": lambda: video.read_video(path, 32, "rand", None, rng, training=True),
+        "decode (native size)": lambda: video.read_video(path, 32, "rand", None, rng),
         f"resize to {TRAIN_SIZE}": lambda: video.resize_frames(frames.permute(0, 2, 3, 1), TRAIN_SIZE),
         f"crop + RandAugment (2 ops, mean of {AUGMENT_DRAWS} draws)": lambda: [
             VideoTrainTransform(IMAGE_SIZE)(resized, rng) for _ in range(AUGMENT_DRAWS)],
@@ -91,8 +91,8 @@ def shared_collate(clips):
 
 def op_times(clip, repeats):
     """Milliseconds (wall, CPU) per clip of each RandAugment op at magnitude 5."""
-    rng = random.Random(0)
-    ops = {name: (lambda op=op: op(clip, 5, rng)) for name, op in AUGMENT_OPS.items()}
+    ops = {name: (lambda op=op, parameter=OP_PARAMETERS[name](5): op(clip, parameter))
+           for name, op in AUGMENT_OPS.items()}
     timings = common.time_interleaved(ops, torch.device("cpu"), runs=repeats, warmup=1)
     return {name: {"wall_ms": round(1e3 * timing["median_s"], 1), "cpu_ms": round(1e3 * timing["median_cpu_s"], 1)}
             for name, timing in timings.items()}
@@ -118,7 +118,7 @@ def main():
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=360)
     parser.add_argument("--frames", default="8,32,96")
-    parser.add_argument("--readers", default=",".join(video.reader_names(training=True)),
+    parser.add_argument("--readers", default=",".join(video.reader_names()),
                         help="default: every reader that loads")
     parser.add_argument("--batch_size", type=int, default=8, help="batch of the collate stage")
     args = parser.parse_args()

@@ -83,7 +83,7 @@ def _warn_if_degenerate(indices, vlen, num_frm, first, last):
     _uniform_warning_shown = True
     problem = "repeats frames" if repeats else f"leaves the last {unsampled_tail:.0%} of a clip unsampled"
     print(f"warning: 'uniform' frame sampling (the original's rule) {problem} ({num_frm} frames of "
-          f"{vlen}: indices {indices[0]}..{indices[-1]}); frm_sampling_strategy_test: uniform_spread "
+          f"{vlen}: indices {indices[0]}..{indices[-1]}); uniform_spread (frm_sampling_strategy[_test]) "
           "spreads them over the whole clip, but published numbers were measured with 'uniform'. "
           "Shown once.", file=sys.stderr)
 
@@ -187,12 +187,12 @@ def _pyav_read(source, num_frm, strategy, rng, start, end, size=None):
 # uint8 frames (T, H, W, C); `size` resizes in the decoder. At full size the three return the
 # same pixels; resized, decord's scaler differs from read_video's (tests/test_readers.py).
 READERS = {"torchcodec": _torchcodec_read, "decord": _decord_read, "pyav": _pyav_read}
-# The order read_video tries them in. Training: fastest first (benchmarks/bench_readers.py).
-# Evaluation: decord first, resizing in its decoder as the original did, so that the released
-# checkpoints see the pixels they were evaluated with (tests/test_eval_e2e.py); at evaluation
-# sizes it decodes about as fast as torchcodec.
-TRAINING_ORDER = ("torchcodec", "decord", "pyav")
-EVALUATION_ORDER = ("decord", "torchcodec", "pyav")
+# The order read_video tries them in: decord first, resizing in its decoder as the original did,
+# so that training and evaluation clips are the original's pixels bit for bit
+# (tests/test_eval_e2e.py, tests/test_train_e2e.py). torchcodec decodes faster
+# (benchmarks/bench_readers.py) but its frames differ by about a grey level: TESTA_VIDEO_READER
+# picks it where that trade is wanted.
+READ_ORDER = ("decord", "torchcodec", "pyav")
 RESIZES_IN_DECODER = {"decord"}  # the others decode at full size and read_video resizes: faster for them
 READER_VARIABLE = "TESTA_VIDEO_READER"  # names one reader to use alone, e.g. torchcodec
 
@@ -203,17 +203,20 @@ def reader_problem(name):
     torchcodec), or None. Asked once per process, so a missing reader costs no import per clip."""
     try:
         importlib.import_module({"torchcodec": "torchcodec.decoders", "pyav": "av"}.get(name, name))
-    except Exception as err:  # ImportError, or torchcodec's RuntimeError when no FFmpeg loads
+    except Exception as err:  # ImportError, or older torchcodecs' RuntimeError when no FFmpeg loads
         return one_line(f"{type(err).__name__}: {err}")
+    if name == "torchcodec" and getattr(importlib.import_module("torchcodec"), "ffmpeg_major_version", 0) is None:
+        # Newer torchcodecs import without FFmpeg and fail at the first decode instead.
+        return "FFmpeg's shared libraries do not load (Debian: apt-get install ffmpeg)"
     return None
 
 
-def reader_names(backend=None, training=False):
+def reader_names(backend=None):
     """The readers read_video tries: `backend`, else $TESTA_VIDEO_READER, else every reader
-    that loads, in the training or the evaluation order."""
+    that loads, in READ_ORDER."""
     chosen = backend or os.environ.get(READER_VARIABLE)
     if not chosen:
-        names = [name for name in (TRAINING_ORDER if training else EVALUATION_ORDER) if reader_problem(name) is None]
+        names = [name for name in READ_ORDER if reader_problem(name) is None]
         if not names:
             reasons = "; ".join(f"{name}: {reader_problem(name)}" for name in READERS)
             raise DataError(f"no video reader loads: {reasons}")
@@ -236,21 +239,21 @@ def resize_frames(frames, size):
 
 
 def read_video(path, num_frm, strategy="uniform", size=None, rng=None, start=None, end=None, backend=None,
-               name=None, training=False):
+               name=None):
     """Decode `num_frm` sampled frames of `path` as uint8 (T, C, H, W), resized to size x size
     when `size` is set.
 
     path: a file path, or the encoded file's bytes (a video read from a tar shard); `name`
-    then says which video it is in errors. backend: None tries the readers in the training
-    order (`training`) or the evaluation order, a file one rejects going to the next, or the
-    reader $TESTA_VIDEO_READER names; 'torchcodec', 'decord' or 'pyav' forces one.
+    then says which video it is in errors. backend: None tries the readers in READ_ORDER, a
+    file one rejects going to the next, or the reader $TESTA_VIDEO_READER names; 'torchcodec',
+    'decord' or 'pyav' forces one.
     Raises VideoReadError naming the video when no reader can decode it.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown frm_sampling_strategy {strategy!r}; expected one of {STRATEGIES}")
     in_memory = isinstance(path, (bytes, bytearray, memoryview))
     failures = []
-    for reader in reader_names(backend, training):
+    for reader in reader_names(backend):
         # A fresh stream per reader: a failed attempt may have read part of it.
         source = io.BytesIO(path) if in_memory else (path if hasattr(path, "read") else str(path))
         try:

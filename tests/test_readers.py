@@ -79,17 +79,17 @@ def test_encoded_bytes_read_like_the_file(numbered_clip):
 
 
 def test_a_rejected_file_goes_to_the_next_reader(numbered_clip, monkeypatch):
-    first, *rest = reader_names(training=True)
+    first, *rest = reader_names()
 
     def reject(*args):
         raise RuntimeError("rejected for the test")
     monkeypatch.setitem(video.READERS, first, reject)
-    clip = read_video(numbered_clip, 4, "uniform_spread", None, training=True)
+    clip = read_video(numbered_clip, 4, "uniform_spread", None)
     assert frame_numbers(clip) == sample_frame_indices(NUM_FRAMES, 4, "uniform_spread")
     for reader in rest:
         monkeypatch.setitem(video.READERS, reader, reject)
     with pytest.raises(VideoReadError, match="rejected for the test") as caught:
-        read_video(numbered_clip, 4, "uniform_spread", None, training=True)
+        read_video(numbered_clip, 4, "uniform_spread", None)
     assert all(f"{reader}: RuntimeError" in str(caught.value) for reader in READERS)
 
 
@@ -102,12 +102,12 @@ def test_a_truncated_file_is_rejected_by_every_reader(tmp_path):
             read_video(path, 4, "uniform", None, backend=reader)
 
 
-def test_reader_orders_and_the_reader_switch(monkeypatch):
+def test_reader_order_and_the_reader_switch(monkeypatch):
     monkeypatch.delenv(READER_VARIABLE, raising=False)
-    assert reader_names(training=True) == [name for name in video.TRAINING_ORDER if name in READERS]
-    assert reader_names() == [name for name in video.EVALUATION_ORDER if name in READERS]
+    assert reader_names() == [name for name in video.READ_ORDER if name in READERS]
+    assert "decord" not in READERS or reader_names()[0] == "decord"  # the original's reader, where installed
     monkeypatch.setenv(READER_VARIABLE, "pyav")
-    assert reader_names(training=True) == reader_names() == ["pyav"]
+    assert reader_names() == ["pyav"]
     assert reader_names("decord") == ["decord"]  # the argument wins over the variable
     monkeypatch.setenv(READER_VARIABLE, "opencv")
     with pytest.raises(DataError, match="unknown video reader 'opencv'"):

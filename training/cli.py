@@ -124,6 +124,5 @@ def setup_run(args: argparse.Namespace) -> Run:
     precision = make_precision(args.mixed_precision_method, device)
     print(f"precision: {precision.describe()}; world size {get_world_size()}; device {device}")
     # Readers differ in how they resize, so the log says which decode this run's clips.
-    print(f"video readers, in the order tried: training {', '.join(reader_names(training=True))}; "
-          f"evaluation {', '.join(reader_names())}")
+    print(f"video readers, in the order tried: {', '.join(reader_names())}")
     return Run(args, config, device, output_dir, precision, seed)
