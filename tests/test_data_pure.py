@@ -1,4 +1,5 @@
 """Pure parts of the data pipeline: sampling, text, sharding, transforms, collate, unpickler."""
+import collections
 import os
 import pickle
 import random
@@ -10,8 +11,8 @@ import torchvision.transforms.v2.functional as TF
 from data.annotations import restricted_loads
 from data.loader import EvalShardSampler, create_sampler, shard_indices, vqa_collate_fn
 from data.text import pre_caption, pre_question
-from data.transforms import (AUGMENT_OPS, FILL, EvalTransform, ImageTrainTransform, VideoTrainTransform,
-                             adjust_sharpness, shift)
+from data.transforms import (AUGMENT_OPS, IMAGE_OPS, OP_PARAMETERS, SIGNED_IMAGE_OPS, VIDEO_OPS, EvalTransform,
+                             ImageTrainTransform, VideoTrainTransform, apply_plan, random_resized_crop_box)
 from models.pixels import MEAN, STD, normalize
 from data import video
 from data.video import STRATEGIES, original_uniform_indices, sample_frame_indices
@@ -131,32 +132,106 @@ def test_normalize_uses_the_spec_mean_and_std():
 
 
 @pytest.mark.parametrize("name", sorted(AUGMENT_OPS))
-def test_each_augment_op_keeps_shape_and_dtype(name):
-    clip = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8)
-    out = AUGMENT_OPS[name](clip, 5, random.Random(0))
-    assert out.shape == clip.shape and out.dtype == torch.uint8
+@pytest.mark.parametrize("magnitude, sign", [(5, 1), (7, -1)])
+def test_each_augment_op_keeps_shape_and_dtype(name, magnitude, sign):
+    parameter = OP_PARAMETERS[name](magnitude)
+    if name in SIGNED_IMAGE_OPS:
+        parameter *= sign
+    for frames in (torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8),
+                   torch.randint(0, 256, (3, 20, 28), dtype=torch.uint8)):
+        out = AUGMENT_OPS[name](frames, parameter)
+        assert out.shape == frames.shape and out.dtype == torch.uint8
 
 
-def test_fast_sharpness_and_translation_match_their_definitions():
-    clip = torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8)
-    for factor in (0.2, 1.7):
-        assert (adjust_sharpness(clip, factor).int() - TF.adjust_sharpness(clip, factor).int()).abs().max() <= 1
-    shifted = shift(clip, 5, -1)
-    assert torch.equal(shifted[..., 5:], clip[..., :-5]) and (shifted[..., :5] == FILL[0]).all()
-    assert torch.equal(shift(clip, -3, -2)[..., :-3, :], clip[..., 3:, :])
+DRAWS = 4000
 
 
-def test_video_train_transform_is_temporally_consistent():
-    frame = torch.randint(0, 256, (1, 3, 40, 40), dtype=torch.uint8)
-    for seed in range(10):
-        out = VideoTrainTransform(32)(frame.expand(4, -1, -1, -1), random.Random(seed))
+def test_video_train_transform_draws_two_distinct_ops_always_applied_and_unsigned():
+    transform = VideoTrainTransform(32)
+    pairs = collections.Counter()
+    for seed in range(DRAWS):
+        top, left, plan = transform.draw(random.Random(seed), 34, 36)
+        assert 0 <= top <= 2 and 0 <= left <= 4
+        assert len(plan) == 2 and plan[0][0] != plan[1][0]
+        assert all(parameter == OP_PARAMETERS[name](5) for name, parameter in plan)
+        pairs[plan[0][0], plan[1][0]] += 1
+    assert len(pairs) == len(VIDEO_OPS) * (len(VIDEO_OPS) - 1)  # every ordered pair of distinct ops
+    for slot in (0, 1):
+        counts = collections.Counter(pair[slot] for pair in pairs.elements())
+        assert all(abs(counts[name] / DRAWS - 1 / len(VIDEO_OPS)) < 0.025 for name in VIDEO_OPS)
+    crops = {transform.draw(random.Random(seed), 34, 36)[:2] for seed in range(200)}
+    assert crops == {(top, left) for top in range(3) for left in range(5)}  # inclusive bounds
+
+
+def test_video_train_transform_applies_the_same_ops_to_every_frame():
+    clip = torch.randint(0, 256, (4, 3, 40, 44), dtype=torch.uint8)
+    transform = VideoTrainTransform(32)
+    for seed in range(20):
+        out = transform(clip, random.Random(seed))
         assert out.shape == (4, 3, 32, 32) and out.dtype == torch.uint8
-        assert torch.equal(out[0], out[3])  # same crop and same ops on every frame
+        assert torch.equal(out, transform(clip, random.Random(seed)))
+        top, left, plan = transform.draw(random.Random(seed), 40, 44)
+        for t in range(4):  # each frame alone, with the same draws
+            crop = clip[t, :, top:top + 32, left:left + 32]
+            assert torch.equal(out[t], apply_plan(crop, plan))
+            assert torch.equal(out[t], transform(clip[t:t + 1], random.Random(seed))[0])
+
+
+def test_video_train_transform_upscales_a_clip_smaller_than_the_crop():
+    out = VideoTrainTransform(32)(torch.randint(0, 256, (2, 3, 24, 40), dtype=torch.uint8), random.Random(0))
+    assert out.shape == (2, 3, 32, 32) and out.dtype == torch.uint8
+
+
+def test_image_transform_applies_each_op_with_probability_one_half_drawn_with_replacement():
+    transform = ImageTrainTransform(32, num_frm=3)
+    lengths, names, flips = collections.Counter(), collections.Counter(), 0
+    repeats = negatives = signed = 0
+    for seed in range(DRAWS):
+        _, flip, plan = transform.draw(random.Random(seed), 50, 70)
+        flips += flip
+        lengths[len(plan)] += 1
+        repeats += len(plan) == 2 and plan[0][0] == plan[1][0]
+        for name, parameter in plan:
+            names[name] += 1
+            magnitude_seven = OP_PARAMETERS[name](7)
+            if name in SIGNED_IMAGE_OPS:
+                assert abs(parameter) == magnitude_seven
+                signed += 1
+                negatives += parameter < 0
+            else:
+                assert parameter == magnitude_seven
+    assert abs(flips / DRAWS - 0.5) < 0.03
+    for length, probability in ((0, 0.25), (1, 0.5), (2, 0.25)):  # two independent coin flips
+        assert abs(lengths[length] / DRAWS - probability) < 0.03
+    assert abs(repeats / lengths[2] - 1 / len(IMAGE_OPS)) < 0.04  # with replacement
+    applied = sum(names.values())
+    assert set(names) == set(IMAGE_OPS) and all(abs(names[n] / applied - 1 / len(IMAGE_OPS)) < 0.02 for n in IMAGE_OPS)
+    assert abs(negatives / signed - 0.5) < 0.04
+
+
+def test_image_transform_crop_boxes_respect_scale_and_ratio():
+    height, width = 300, 400
+    for seed in range(2000):
+        top, left, box_height, box_width = random_resized_crop_box(random.Random(seed), height, width)
+        assert 0 <= top <= height - box_height and 0 <= left <= width - box_width
+        # Within the bounds up to rounding each side to whole pixels.
+        assert 0.5 * 0.99 < box_height * box_width / (height * width) <= 1.0
+        assert 3 / 4 * 0.99 < box_width / box_height < 4 / 3 * 1.01
+    # No box of a 4:3 ratio at half the area fits a 10 x 1000 strip: the central fallback, ratio clamped.
+    assert random_resized_crop_box(random.Random(0), 10, 1000) == (0, (1000 - 13) // 2, 10, 13)
 
 
 def test_image_transform_makes_a_pseudo_video():
-    out = ImageTrainTransform(32, num_frm=3)(torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8), random.Random(0))
-    assert out.shape == (3, 3, 32, 32) and torch.equal(out[0], out[2])
+    image = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8)
+    transform = ImageTrainTransform(32, num_frm=3)
+    for seed in range(10):
+        out = transform(image, random.Random(seed))
+        assert out.shape == (3, 3, 32, 32) and out.dtype == torch.uint8
+        assert torch.equal(out[0], out[2]) and torch.equal(out, transform(image, random.Random(seed)))
+        (top, left, box_height, box_width), flip, plan = transform.draw(random.Random(seed), 50, 70)
+        expected = TF.resized_crop(image, top, left, box_height, box_width, [32, 32],
+                                   interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        assert torch.equal(out[0], apply_plan(expected.flip(-1) if flip else expected, plan))
 
 
 def test_eval_transform_resizes_deterministically():
