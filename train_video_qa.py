@@ -2,7 +2,8 @@
 
 Trains the question encoder and answer decoder, validates every epoch (keeping
 checkpoint_best.pth by accuracy), then tests with the best weights. Inference `rank`
-scores the answer list; `generate` decodes freely. `--evaluate` only tests `pretrained`.
+scores the candidate answers (`answer_candidates`: by default those of the split evaluated,
+as the original); `generate` decodes freely. `--evaluate` only tests `pretrained`.
 Predictions go to output_dir/result/<split>_<tag>.json as [{question_id, answer}].
 """
 import json
@@ -19,6 +20,7 @@ from training.distributed import get_rank, get_world_size, is_main_process, unwr
 from training.errors import run_cli
 from training.fit import fit, report_test
 from training.logging import print_model_summary
+from training.objectives import qa_losses
 
 
 def main():
@@ -28,8 +30,7 @@ def main():
     inference, k_test = value(config, "inference"), value(config, "k_test", "video QA")
     splits = ["test"] if args.evaluate else ["train", "val", "test"]
     datasets, loaders = create_split_loaders(value(config, "dataset"), config, splits, get_world_size(), get_rank(),
-                                             run.seed, train_collate_fn=vqa_collate_fn,
-                                             pin_memory=run.device.type == "cuda")
+                                             train_collate_fn=vqa_collate_fn, pin_memory=run.device.type == "cuda")
     model = build_qa_model(config, config.get("pretrained") or None).to(run.device)
     print_model_summary(model, model.visual_encoder, config, args.flop_counter)
     if args.compile:
@@ -44,19 +45,19 @@ def main():
             (run.output_dir / "result" / f"{split}_{tag}.json").write_text(json.dumps(predictions))
         asked = set(dataset.question_ids)  # questions whose video exists
         answers = {qid: answer for qid, answer in dataset.answers.items() if qid in asked}
-        return qa_accuracy({p["question_id"]: p["answer"] for p in predictions}, answers,
-                           dataset.question_types or None)
+        metrics = qa_accuracy({p["question_id"]: p["answer"] for p in predictions}, answers,
+                              dataset.question_types or None)
+        if inference == "rank":  # the accuracy `rank` can reach is the share of true answers among the candidates
+            metrics.update(num_candidates=len(dataset.answer_list), candidates_cover=dataset.candidate_coverage())
+        return metrics
 
-    protocol = evaluation_protocol(config, config.get("pretrained"), inference=inference)
+    candidates = {"answer_candidates": datasets["test"].candidate_rule} if inference == "rank" else {}
+    protocol = evaluation_protocol(config, config.get("pretrained"), inference=inference, **candidates)
     if args.evaluate:
         report_test(run, model, lambda m: evaluate(m, "test", "zero_shot"), "evaluate.txt", protocol)
         return
 
-    def compute_losses(model, batch, context):
-        video, questions, answers, weights, n = batch
-        return {"loss": model(video, questions, answers, n, weights)}
-
-    fit(run, model, loaders["train"], compute_losses, "cosine",
+    fit(run, model, loaders["train"], qa_losses, "cosine",
         validate=lambda m, epoch: evaluate(m, "val", f"epoch{epoch}"), best_metric="accuracy",
         test=lambda m: evaluate(m, "test", "best"), protocol=protocol, bad_input_datasets=[datasets["train"]])
 

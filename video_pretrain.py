@@ -14,7 +14,7 @@ from training.distributed import get_rank, get_world_size
 from training.errors import UserError, run_cli
 from training.fit import fit
 from training.logging import print_model_summary
-from training.optim import alpha_ramp
+from training.objectives import pretrain_losses
 
 # Keys the image config of --sep_img may set; the rest comes from the main config.
 IMAGE_CONFIG_KEYS = ("train_file", "batch_size", "num_frm_train", "image_size", "video_root", "max_words",
@@ -58,7 +58,8 @@ def main():
     datasets = [create_pretrain_dataset(name, data_config, get_rank(), get_world_size())
                 for name, data_config in zip(("pretrain", "pretrain_image"), data_configs)]
     batch_sizes = [value(data_config, "batch_size", "pre-training") for data_config in data_configs]
-    samplers = create_sampler(datasets, [True] * len(datasets), get_world_size(), get_rank(), run.seed)
+    samplers = create_sampler(datasets, [True] * len(datasets), get_world_size(), get_rank(),
+                              value(config, "shuffle_seed"))
     loaders = create_loader(datasets, samplers, batch_sizes, [value(config, "num_workers")] * len(datasets),
                             [True] * len(datasets), [None] * len(datasets), pin_memory=run.device.type == "cuda")
     model = build_pretrain_model(config, config.get("pretrained") or None).to(run.device)
@@ -66,18 +67,8 @@ def main():
     if args.compile:
         compile_visual_encoder(model, run.device)
 
-    alpha_max = value(config, "alpha")
-
-    def compute_losses(model, batch, context):
-        alpha = alpha_ramp(alpha_max, context.epoch, context.step, context.steps_per_epoch, ramp_epochs=2)
-        if args.sep_img:
-            (video, captions), (images, image_captions) = batch
-            return model(video, captions, alpha, images, image_captions)
-        video, captions = batch
-        return model(video, captions, alpha)
-
-    fit(run, model, tuple(loaders), compute_losses, "warmup_step_decay", bad_input_datasets=datasets,
-        checkpoint_every_epoch=True)
+    fit(run, model, tuple(loaders), pretrain_losses(value(config, "alpha"), args.sep_img), "warmup_step_decay",
+        bad_input_datasets=datasets, checkpoint_every_epoch=True)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ CONFIG_KEYS: dict[str, ConfigKey] = {key.name: key for key in [
     _key("prop_attn", bool, False, "model", "proportional attention (off as published)"),
     _key("vit_grad_ckpt", bool, False, "model", "activation checkpointing of the video encoder"),
     _key("vit_ckpt_layer", int, 0, "model", "checkpoint the last N blocks"),
-    _key("drop_path_rate", _NUMBER, 0.1, "model", "stochastic depth of the video encoder"),
+    _key("drop_path_rate", _NUMBER, 0.0, "model", "stochastic depth of the video encoder (the original trains without)"),
     # the text side and the heads
     _key("med_config", str, None, "model", "BERT config json; default `configs/med_config.json` "
                                            "(`bert_config.json` for pre-training)"),
@@ -73,6 +73,9 @@ CONFIG_KEYS: dict[str, ConfigKey] = {key.name: key for key in [
     _key("alpha", _NUMBER, REQUIRED, "model", "weight of the momentum distillation targets"),
     _key("negative_all_rank", bool, False, "model", "draw ITM hard negatives from every rank's batch"),
     _key("pretrained", (str, type(None)), None, "model", "checkpoint to start from (or test with `--evaluate`)"),
+    _key("pretrained_queues", bool, False, "model",
+         "keep the ITC feature queues stored in `pretrained`; off: they start fresh, as the original deleted them "
+         "on load (docs/training.md, Feature queues)"),
     # data
     _key("dataset", str, REQUIRED, "data", "which reader: `retrieval_queryd`, `retrieval_didemo`, "
                                           "`retrieval_activitynet`, `retrieval_condensedmovies`, `activitynet_qa`"),
@@ -85,14 +88,22 @@ CONFIG_KEYS: dict[str, ConfigKey] = {key.name: key for key in [
     _key("train_shards_samples", int, None, "data",
          "samples in `train_shards`, for the epoch length; default: the manifest.json beside the shards"),
     _key("shard_shuffle_buffer", int, 1000, "data", "samples in each data-loader worker's shuffle buffer (shards)"),
-    _key("answer_list", str, None, "data", "QA: JSON list of candidate answers; default the training answers"),
+    _key("answer_list", str, None, "data", "QA: JSON list of candidate answers; replaces `answer_candidates`"),
+    _key("answer_weight", _NUMBER, 0.2, "optimisation",
+         "QA training: weight of a question's answer in the loss (the original's 0.2; repeated answers share it)"),
     _key("caption_max_words", int, 30, "data", "words a caption keeps after cleaning", falls_back_to="max_words"),
     _key("num_frm_train", int, REQUIRED, "data", "frames sampled per training clip"),
     _key("num_frm_test", int, REQUIRED, "data", "frames sampled per evaluation clip"),
-    _key("frm_sampling_strategy", str, "rand", "data", "training frame sampling (`rand`, `headtail`, `uniform`, ...)"),
+    _key("frm_sampling_strategy", str, "uniform", "data",
+         "training frame sampling: `uniform` (the original's for fine-tuning), `headtail` (its pre-training), "
+         "`rand`, ..."),
     _key("frm_sampling_strategy_test", str, "uniform", "data",
          "evaluation frame sampling: `uniform` (the original's rule) or `uniform_spread`"),
-    _key("video_resize", int, 256, "data", "training clips are decoded at this size, then cropped"),
+    _key("video_resize", int, 256, "data",
+         "augmented training clips (pre-training, `finetune_augmentation`) are decoded at this size, then cropped"),
+    _key("finetune_augmentation", bool, False, "data",
+         "fine-tuning: decode at `video_resize`, one random crop and 2 augmentation ops, as pre-training does; "
+         "off: the original's clips, decoded straight at `image_size`"),
     _key("batch_size", int, REQUIRED, "data", "pre-training batch per process"),
     _key("batch_size_train", int, REQUIRED, "data", "fine-tuning batch per process"),
     _key("batch_size_test", int, REQUIRED, "data", "evaluation batch per process"),
@@ -106,8 +117,13 @@ CONFIG_KEYS: dict[str, ConfigKey] = {key.name: key for key in [
     _key("warmup_lr", _NUMBER, REQUIRED, "optimisation", "pre-training: lr at step 0"),
     _key("warmup_steps", int, REQUIRED, "optimisation", "pre-training: warm-up steps in epoch 0"),
     _key("weight_decay", _NUMBER, REQUIRED, "optimisation", "AdamW weight decay"),
+    _key("weight_decay_exempt", str, "none", "optimisation",
+         "parameters AdamW does not decay: `none` (the original's fine-tuning), `bias_layernorm` (its pre-training: "
+         "names containing `bias` or `LayerNorm.weight`) or `bias_norm_embed` (1-D tensors, tokens, embeddings)"),
     _key("max_epoch", int, REQUIRED, "optimisation", "epochs"),
     _key("seed", int, 42, "optimisation", "random seed (each process adds its rank)"),
+    _key("shuffle_seed", int, 0, "optimisation",
+         "seed of the training sampler's shuffle (with the epoch); the original used 0 whatever `seed` said"),
     # evaluation
     _key("k_test", int, REQUIRED, "evaluation", "retrieval: candidates re-ranked by ITM per query; "
                                                "QA: answers re-ranked per question"),
@@ -115,6 +131,12 @@ CONFIG_KEYS: dict[str, ConfigKey] = {key.name: key for key in [
     _key("low_resource_eval", bool, False, "evaluation", "keep the cached video tokens in fp16 on the CPU"),
     _key("tie_rule", str, "original", "evaluation", "`original` (argsort order) or `pessimistic`"),
     _key("inference", str, "rank", "evaluation", "QA: `rank` the answer list or `generate`"),
+    _key("answer_candidates", str, "split", "evaluation",
+         "QA `rank`: `split` (the distinct answers of the split evaluated, the original's rule) or `train` "
+         "(the training answers only), each in order of first appearance (docs/evaluation.md)"),
+    _key("val_question_every", int, 50, "evaluation",
+         "QA validation: every N-th question of the val split after a shuffle seeded by `seed` "
+         "(the original's 1/50); 1 = every question"),
 ]}
 
 

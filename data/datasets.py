@@ -49,6 +49,11 @@ def drop_missing(items, path_of, dataset, split, video_root):
 class ClipDataset(Dataset):
     """Reads clips under the bad-input policy.
 
+    Clips are decoded straight at image_size (squashed, as the original's readers did), unless
+    `augment`: then at video_resize, followed by VideoTrainTransform's random crop and ops.
+    Training frames are sampled by frm_sampling_strategy, evaluation frames by
+    frm_sampling_strategy_test.
+
     Training: an unreadable file is logged once, counted, and the item is replaced by a
     random other one, at most `max_tries` times in a row. Evaluation: it raises with the
     path, unless `substitute_black_on_error` (the config key, or the option of the same
@@ -63,8 +68,8 @@ class ClipDataset(Dataset):
     config's `seed` and this process's rank.
     """
 
-    def __init__(self, config, name, train, substitute_black_on_error=None, max_tries=10):
-        self.name, self.train, self.max_tries = name, train, max_tries
+    def __init__(self, config, name, train, augment=False, substitute_black_on_error=None, max_tries=10):
+        self.name, self.train, self.augment, self.max_tries = name, train, augment, max_tries
         # Optional for pre-training, whose annotation files may hold absolute paths.
         self.video_root = Path(config.get("video_root") or "")
         self.image_size = config_value(config, "image_size", name)
@@ -74,7 +79,7 @@ class ClipDataset(Dataset):
         self.strategy = value(config, strategy_key)
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"{strategy_key} {self.strategy!r} is unknown; expected one of {STRATEGIES}")
-        if train:
+        if augment:
             self.decode_size = max(value(config, "video_resize"), self.image_size)
             self.transform = VideoTrainTransform(self.image_size)
             self.image_transform = ImageTrainTransform(self.image_size, self.num_frm)  # pre-training's images
@@ -103,8 +108,7 @@ class ClipDataset(Dataset):
     def load_video(self, path, rng=None, name=None):
         """The clip of a video file, or of its bytes (`name` then says which video it is)."""
         try:
-            clip = read_video(path, self.num_frm, self.strategy, self.decode_size, rng, name=name,
-                              training=self.train)
+            clip = read_video(path, self.num_frm, self.strategy, self.decode_size, rng, name=name)
         except VideoReadError as err:
             if not (self.train or self.substitute_black_on_error):
                 raise  # evaluation never substitutes silently
@@ -112,7 +116,7 @@ class ClipDataset(Dataset):
             if self.train:
                 raise  # __getitem__ replaces the item
             clip = torch.zeros(self.num_frm, 3, self.image_size, self.image_size, dtype=torch.uint8)
-        return encoder_layout(self.transform(clip, rng or random) if self.train else self.transform(clip))
+        return encoder_layout(self.transform(clip, rng or random) if self.augment else self.transform(clip))
 
     def load_image(self, source, rng=None, name=None):
         """A training image (a path or a file object; `name` names it in errors) as a pseudo-clip."""
@@ -149,7 +153,7 @@ class PretrainDataset(ClipDataset):
     def __init__(self, config, name, split="train", **options):
         if split != "train":
             raise ValueError(f"{name} has only a 'train' split, got {split!r}")
-        super().__init__(config, name, train=True, **options)
+        super().__init__(config, name, train=True, augment=True, **options)
         files = config_value(config, "train_file", name)
         items = []
         for path in [files] if isinstance(files, str) else files:
@@ -185,7 +189,7 @@ class RetrievalTrainDataset(ClipDataset):
     """Items (clip, caption, video index); the index numbers the split's distinct videos."""
 
     def __init__(self, config, name, pairs, clean_caption, **options):
-        super().__init__(config, name, train=True, **options)
+        super().__init__(config, name, train=True, augment=value(config, "finetune_augmentation"), **options)
         pairs = drop_missing([(self.video_root / video, text) for video, text in pairs], lambda p: p[0], name,
                              "train", self.video_root)
         video_index = {}
@@ -228,13 +232,33 @@ def build_retrieval(config, name, split="train", reader=None, clean_caption=None
     return RetrievalEvalDataset(config, name, pairs, clean_caption, split, **options)
 
 
+ANSWER_CANDIDATE_RULES = ("split", "train")
+
+
+def every_nth_after_shuffle(questions, every, seed):
+    """The original's QA validation subset: the questions shuffled by a generator seeded with
+    `seed` (as its `random.shuffle` after `random.seed(seed)`), then every `every`-th; all of
+    them, in file order, when `every` is 1."""
+    if every < 1:
+        raise ConfigError(f"val_question_every must be at least 1, got {every}")
+    if every == 1:
+        return questions
+    shuffled = list(questions)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled[::every]
+
+
 class VideoQADataset(ClipDataset):
     """ActivityNet-QA. Train items: (clip, question, answers, weights); evaluation items:
-    (clip, question, question_id). `.answer_list` holds the candidates for rank
-    evaluation; `.answers` and `.question_types` map question_id to ground truth."""
+    (clip, question, question_id). `.answers` and `.question_types` map question_id to ground
+    truth; `.answer_list` holds the candidates that `rank` inference chooses from, by the rule
+    `.candidate_rule` (see candidates()). The val split keeps every val_question_every-th
+    question of a seeded shuffle, as the original validated on a random 1/50 of it."""
 
     def __init__(self, config, name, split="train", **options):
-        super().__init__(config, name, train=split == "train", **options)
+        train = split == "train"
+        super().__init__(config, name, train=train, augment=train and value(config, "finetune_augmentation"),
+                         **options)
         ann_root = Path(config_value(config, "ann_root", name))
         questions = read_json(ann_root / f"{split}_q.json", f"{name} questions")
         answer_rows = read_json(ann_root / f"{split}_a.json", f"{name} answers")
@@ -244,12 +268,16 @@ class VideoQADataset(ClipDataset):
                 answers[row["question_id"]].append(row["answer"])
             self.question_types = {row["question_id"]: row["type"] for row in answer_rows if "type" in row}
         self.answers = {qid: values[0] for qid, values in answers.items()}
+        if split == "val":
+            questions = every_nth_after_shuffle(questions, value(config, "val_question_every"), value(config, "seed"))
         with layout_of(ann_root / f"{split}_q.json", 'a list of {"question_id", "video_name", "question"} objects'):
             items = [(self.video_path(q["video_name"]), pre_question(q["question"]), q["question_id"],
                       answers[q["question_id"]]) for q in questions]
         self.items = drop_missing(items, lambda item: item[0], name, split, self.video_root)
         self.question_ids = [item[2] for item in self.items]
-        self.answer_list = self.read_answer_list(config, ann_root, split, answer_rows)
+        self.answer_weight = value(config, "answer_weight")
+        self.candidate_rule = "answer_list" if value(config, "answer_list") else value(config, "answer_candidates")
+        self.answer_list = self.candidates(config, ann_root)
 
     def video_path(self, video_name):
         """video_root/v_<name>.mp4, else .webm; None when neither exists."""
@@ -259,13 +287,28 @@ class VideoQADataset(ClipDataset):
                 return path
         return None
 
-    def read_answer_list(self, config, ann_root, split, answer_rows):
-        if value(config, "answer_list"):
+    def candidates(self, config, ann_root):
+        """The answers `rank` inference chooses from, in order of first appearance: `split`, the
+        distinct answers of this split's questions (the original's rule, which listed them in
+        Python's set order; ties among candidates then depended on string hashing); `train`, those
+        of train_a.json; or the JSON list that `answer_list` names."""
+        if self.candidate_rule == "answer_list":
             return read_json(config["answer_list"], f"{self.name} answer_list")
-        if split != "train":
-            answer_rows = read_json(ann_root / "train_a.json", f"{self.name} answers (for the answer list)")
-        with layout_of(ann_root / "train_a.json", 'a list of {"question_id", "answer"} objects'):
-            return list(dict.fromkeys(row["answer"] for row in answer_rows))
+        if self.candidate_rule == "split":
+            return list(dict.fromkeys(self.answers[qid] for qid in self.question_ids))
+        if self.candidate_rule == "train":
+            path = ann_root / "train_a.json"
+            rows = read_json(path, f"{self.name} answers (for the answer list)")
+            with layout_of(path, 'a list of {"question_id", "answer"} objects'):
+                return list(dict.fromkeys(row["answer"] for row in rows))
+        raise ConfigError(f"answer_candidates {self.candidate_rule!r} is unknown; expected one of "
+                          f"{ANSWER_CANDIDATE_RULES}")
+
+    def candidate_coverage(self):
+        """Percent of this split's questions whose true answer is a candidate: the accuracy `rank`
+        inference can reach at most."""
+        listed = set(self.answer_list)
+        return 100.0 * sum(self.answers[qid] in listed for qid in self.question_ids) / len(self.question_ids)
 
     def __len__(self):
         return len(self.items)
@@ -276,7 +319,7 @@ class VideoQADataset(ClipDataset):
         if not self.train:
             return clip, question, question_id
         counts = Counter(answers)
-        return clip, question, list(counts), [count / len(answers) for count in counts.values()]
+        return clip, question, list(counts), [self.answer_weight * count / len(answers) for count in counts.values()]
 
 
 def raw_caption(text, max_words):

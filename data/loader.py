@@ -76,18 +76,18 @@ def create_loader(datasets, samplers, batch_size, num_workers, is_trains, collat
     return loaders
 
 
-def create_split_loaders(name, config, splits, num_tasks, global_rank, seed=0, train_collate_fn=None,
-                         pin_memory=True):
+def create_split_loaders(name, config, splits, num_tasks, global_rank, train_collate_fn=None, pin_memory=True):
     """Datasets and loaders of `splits` of dataset `name`, keyed by split: shuffled training
-    ('train', batch_size_train) and sharded evaluation (batch_size_test). Config keys such as
-    substitute_black_on_error reach the datasets through `config`, and the training items'
-    randomness follows the config's seed and the process rank (see ClipDataset)."""
+    ('train', batch_size_train, shuffled from shuffle_seed and the epoch) and sharded
+    evaluation (batch_size_test). Config keys such as substitute_black_on_error reach the
+    datasets through `config`, and the training items' randomness follows the config's seed
+    and the process rank (see ClipDataset)."""
     from .datasets import create_dataset
 
     datasets = [create_dataset(name, config, split) for split in splits]
     is_train = [split == "train" for split in splits]
     batch_sizes = [value(config, "batch_size_train" if train else "batch_size_test", name) for train in is_train]
-    samplers = create_sampler(datasets, is_train, num_tasks, global_rank, seed, batch_sizes)
+    samplers = create_sampler(datasets, is_train, num_tasks, global_rank, value(config, "shuffle_seed"), batch_sizes)
     loaders = create_loader(datasets, samplers, batch_sizes, [value(config, "num_workers")] * len(splits), is_train,
                             [train_collate_fn if train else None for train in is_train], pin_memory)
     return dict(zip(splits, datasets)), dict(zip(splits, loaders))

@@ -114,7 +114,7 @@ class ShardedPretrainDataset(ClipDataset, IterableDataset):
     `rank` and `world_size` default to this process's place in the process group."""
 
     def __init__(self, config, name="pretrain", rank=None, world_size=None):
-        super().__init__(config, name, train=True)
+        super().__init__(config, name, train=True, augment=True)
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
         self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)

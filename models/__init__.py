@@ -31,9 +31,9 @@ def _text_config(config: dict, default_file: str, vision_width: int, vocab_size:
     return text_config
 
 
-def _load(model, checkpoint: str | None):
+def _load(model, checkpoint: str | None, config: dict):
     if checkpoint:
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint, keep_queues=value(config, "pretrained_queues"))
     return model
 
 
@@ -57,12 +57,12 @@ def build_retrieval_model(config: dict, checkpoint: str | None = None) -> VideoR
                                 momentum=value(config, "momentum"),
                                 negative_all_rank=value(config, "negative_all_rank"),
                                 max_words=value(config, "text_max_tokens"))
-    return _load(model, checkpoint)
+    return _load(model, checkpoint, config)
 
 
 def build_qa_model(config: dict, checkpoint: str | None = None) -> VideoQAModel:
     tokenizer, visual_encoder, text_encoder, text_decoder = _components(config, "med_config.json", with_decoder=True)
-    return _load(VideoQAModel(visual_encoder, text_encoder, text_decoder, tokenizer), checkpoint)
+    return _load(VideoQAModel(visual_encoder, text_encoder, text_decoder, tokenizer), checkpoint, config)
 
 
 def build_pretrain_model(config: dict, checkpoint: str | None = None) -> VideoPretrainModel:
@@ -71,4 +71,4 @@ def build_pretrain_model(config: dict, checkpoint: str | None = None) -> VideoPr
                                embed_dim=value(config, "embed_dim"),
                                queue_size=value(config, "queue_size", "the pre-training model"),
                                momentum=value(config, "momentum"))
-    return _load(model, checkpoint)
+    return _load(model, checkpoint, config)

@@ -9,7 +9,8 @@ Loading is lenient only where the published workflow needs it:
 * ``pos_embed`` (bicubic over the patch grid), ``time_embed`` and
   ``temporal_scaling`` (nearest along time) are resized to the model's sizes,
   each encoder from its own entry;
-* feature queues load when their shape fits and are re-initialised otherwise.
+* feature queues load when their shape fits and are re-initialised otherwise; with
+  ``keep_queues=False`` every queue starts fresh, as the original's loader deleted them.
 
 Any other shape mismatch is an error naming the key. A checkpoint must also fit the model
 it is loaded into: a tensor the model needs that the file lacks is an error naming the
@@ -125,7 +126,7 @@ class LoadReport:
             lines.append(f"  temporal attention initialised from spatial attention: "
                          f"{len(self.initialised_from_spatial)} tensors")
         if self.reinitialised:
-            lines.append(f"  re-initialised (shape differs): {', '.join(self.reinitialised)}")
+            lines.append(f"  started fresh (queues not kept, or shape differs): {', '.join(self.reinitialised)}")
         for title, keys in (("missing, allowed to start fresh", self.missing),
                             ("ignored (not used by this model)", self.unexpected)):
             for module, names in _group_by_module(keys).items():
@@ -159,14 +160,16 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def adapt_state_dict(state_dict: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor],
-                     report: LoadReport) -> dict[str, torch.Tensor]:
-    """Map a checkpoint onto the model's state (names and shapes); records what changed in ``report``."""
+                     report: LoadReport, keep_queues: bool = True) -> dict[str, torch.Tensor]:
+    """Map a checkpoint onto the model's state (names and shapes); records what changed in ``report``.
+    Queues (every key naming one) that do not fit, or all of them unless ``keep_queues``, are left
+    out, so the model keeps its freshly initialised ones."""
     adapted = dict(state_dict)
     for prefix in VISUAL_PREFIXES:
         if prefix + "pos_embed" in model_state:
             _adapt_visual_encoder(adapted, model_state, prefix, report)
     for key in [k for k in adapted if "queue" in k]:
-        if key in model_state and adapted[key].shape != model_state[key].shape:
+        if key in model_state and (not keep_queues or adapted[key].shape != model_state[key].shape):
             del adapted[key]
             report.reinitialised.append(key)
     return adapted
@@ -199,13 +202,15 @@ def _adapt_visual_encoder(sd: dict, model_state: dict, prefix: str, report: Load
                     report.initialised_from_spatial.append(target)
 
 
-def load_checkpoint(model: nn.Module, checkpoint: str | dict, verbose: bool = True) -> LoadReport:
-    """Load ``checkpoint`` (path or state dict) into ``model`` and print one readable summary."""
+def load_checkpoint(model: nn.Module, checkpoint: str | dict, verbose: bool = True,
+                    keep_queues: bool = True) -> LoadReport:
+    """Load ``checkpoint`` (path or state dict) into ``model`` and print one readable summary.
+    ``keep_queues=False`` starts every feature queue fresh (see adapt_state_dict)."""
     source = checkpoint if isinstance(checkpoint, str) else "state dict"
     state_dict = read_state_dict(checkpoint) if isinstance(checkpoint, str) else checkpoint
     model_state = model.state_dict()
     report = LoadReport(family=checkpoint_family(state_dict))
-    adapted = adapt_state_dict(state_dict, model_state, report)
+    adapted = adapt_state_dict(state_dict, model_state, report, keep_queues)
 
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
                   for k, v in adapted.items() if k in model_state and v.shape != model_state[k].shape]

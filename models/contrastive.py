@@ -117,6 +117,20 @@ class VideoTextContrastive(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
+    def set_queues(self, queues: dict[str, torch.Tensor]) -> None:
+        """Start from given feature queues, e.g. those another run began with: ``queues`` maps
+        queue buffer names (image_queue, text_queue, and the subclass's pointer and index
+        queues) to tensors of their shapes. Names left out keep their values."""
+        buffers = dict(self.named_buffers())
+        for name, tensor in queues.items():
+            if "queue" not in name or name not in buffers:
+                raise KeyError(f"{name!r} is not a queue of {type(self).__name__}; its queues: "
+                               f"{[n for n in buffers if 'queue' in n]}")
+            if tensor.shape != buffers[name].shape:
+                raise ValueError(f"{name}: expected shape {tuple(buffers[name].shape)}, got {tuple(tensor.shape)}")
+            buffers[name].copy_(tensor)
+
+    @torch.no_grad()
     def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idxs: torch.Tensor | None = None) -> None:
         """Write the features of every rank into the queues (ring buffer, wrapping around)."""
         image_feats = concat_all_gather(image_feat)

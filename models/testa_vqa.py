@@ -57,13 +57,14 @@ class VideoQAModel(nn.Module):
         return (weights.to(per_answer.device) * per_answer).sum() / video.shape[0]
 
     @torch.no_grad()
-    def rank_answers(self, video: torch.Tensor, questions: list[str], answer_ids: torch.Tensor,
-                     answer_mask: torch.Tensor, k: int) -> torch.Tensor:
-        """Index into the answer list of the best answer per question.
+    def score_answers(self, video: torch.Tensor, questions: list[str], answer_ids: torch.Tensor,
+                      answer_mask: torch.Tensor, k: int):
+        """How `rank` inference scores an answer list: (first-token probability of every answer
+        (B, A), the indices of each question's top ``k`` answers by it (B, k), and their scores
+        (B, k): minus the decoder's label-smoothed loss summed over the answer's tokens, which is
+        what the released models were ranked by).
 
-        ``answer_ids`` come from ``tokenize_answers(answer_list)``. The top ``k`` answers by
-        first-token probability are re-scored by their whole (label-smoothed) decoder loss,
-        as the released models were evaluated.
+        ``answer_ids`` come from ``tokenize_answers(answer_list)``.
         """
         states, mask = self.encode_question(video, questions)
         num_questions = states.shape[0]
@@ -80,8 +81,15 @@ class VideoQAModel(nn.Module):
                                  encoder_hidden_states=states.repeat_interleave(k, dim=0),
                                  encoder_attention_mask=mask.repeat_interleave(k, dim=0),
                                  labels=targets, reduction="none").loss
-        best = (-loss).view(num_questions, k).argmax(dim=1)
-        return top_ids.gather(1, best[:, None]).squeeze(1)
+        return first_token_probs, top_ids, (-loss).view(num_questions, k)
+
+    @torch.no_grad()
+    def rank_answers(self, video: torch.Tensor, questions: list[str], answer_ids: torch.Tensor,
+                     answer_mask: torch.Tensor, k: int) -> torch.Tensor:
+        """Index into the answer list of the best answer per question: the best-scored of the
+        top ``k`` by first-token probability (see score_answers)."""
+        _, top_ids, scores = self.score_answers(video, questions, answer_ids, answer_mask, k)
+        return top_ids.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
 
     @torch.no_grad()
     def generate_answer_ids(self, video: torch.Tensor, questions: list[str], num_beams: int = 3,

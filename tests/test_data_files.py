@@ -144,13 +144,16 @@ def test_qa_answers_weights_ids_and_answer_list(corpus, tmp_path):
     train = create_dataset("activitynet_qa", config, "train")
     _, question, answers, weights = train[0]
     assert question == "what color is the first shape?" and answers == [corpus["example_caption"].split()[1]]
-    assert weights == [1.0]
+    assert weights == [0.2]  # the original's answer weight
+    assert create_dataset("activitynet_qa", dict(config, answer_weight=1.0), "train")[0][3] == [1.0]
     test = create_dataset("activitynet_qa", config, "test")
     _, _, question_id = test[0]
     assert question_id == test.question_ids[0] and test.question_types[question_id] == "color"
+    # By default the candidates are the test answers (the original's rule); `train` lists the training answers.
+    assert test.answer_list == list(dict.fromkeys(test.answers[qid] for qid in test.question_ids))
     train_answers = [row["answer"] for row in json.load(open(f"{config['ann_root']}/train_a.json"))]
-    assert sorted(test.answer_list) == sorted(set(train_answers))
-    assert test.answer_list == train.answer_list
+    strict = create_dataset("activitynet_qa", dict(config, answer_candidates="train"), "test")
+    assert strict.answer_list == list(dict.fromkeys(train_answers)) and strict.candidate_rule == "train"
     video = Path(config["video_root"]) / f"v_{test.items[0][2].rsplit('_', 1)[0]}.mp4"
     webm_root = tmp_path / "webm"
     webm_root.mkdir()
@@ -271,7 +274,7 @@ def test_qa_loader_with_collate(corpus):
     [loader] = create_loader([dataset], [None], [3], [0], [True], [vqa_collate_fn], pin_memory=False)
     videos, questions, answers, weights, counts = next(iter(loader))
     assert videos.shape == (3, 3, 4, IMG, IMG) and len(questions) == 3 and len(answers) == sum(counts) == 3
-    assert weights.tolist() == [1.0, 1.0, 1.0]
+    assert weights.tolist() == pytest.approx([0.2, 0.2, 0.2])  # the original's answer weight
 
 
 def test_compress_converts_resumes_and_lists_failures(corpus, tmp_path, capsys):

@@ -54,15 +54,36 @@ class Tokens(nn.Module):
         self.frozen.requires_grad_(False)
 
 
-def test_param_groups_exempt_biases_norms_and_tokens_from_decay():
+def test_weight_decay_exemption_rules():
     model = Tokens()
+    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    trained = [p for p in model.parameters() if p.requires_grad]
+    # The original's fine-tuning decays every trained parameter (frozen ones are left out).
     decay, no_decay = param_groups_for_weight_decay(model, 0.05)
-    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert {id(p) for p in decay["params"]} == {id(model.proj.weight)}
+    assert decay["weight_decay"] == 0.05 and no_decay == {"params": [], "weight_decay": 0.0}
+    assert ids(decay["params"]) == ids(trained)
+    # BLIP's pre-training rule matches names: biases and BERT's `LayerNorm.*`, not `norm.weight`.
+    decay, no_decay = param_groups_for_weight_decay(model, 0.05, "bias_layernorm")
+    assert ids(no_decay["params"]) == ids([model.proj.bias, model.norm.bias])
+    # The project's rule: every 1-D tensor, tokens and embeddings.
+    decay, no_decay = param_groups_for_weight_decay(model, 0.05, "bias_norm_embed")
+    assert ids(decay["params"]) == {id(model.proj.weight)}
     expected = [model.cls_token, model.pos_embed, model.temp, model.proj.bias, model.norm.weight, model.norm.bias]
-    assert {id(p) for p in no_decay["params"]} == {id(p) for p in expected}
+    assert ids(no_decay["params"]) == ids(expected)
     optimizer = create_optimizer(model, {"init_lr": 3e-4, "weight_decay": 0.05})
     assert [g["lr"] for g in optimizer.param_groups] == [3e-4, 3e-4]
+    with pytest.raises(ConfigError, match="weight_decay_exempt 'norms' is unknown"):
+        param_groups_for_weight_decay(model, 0.05, "norms")
+
+
+def test_blip_rule_spares_bert_layernorms_by_name():
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.LayerNorm = nn.LayerNorm(4)
+    model = Named()
+    decay, no_decay = param_groups_for_weight_decay(model, 0.05, "bias_layernorm")
+    assert decay["params"] == [] and len(no_decay["params"]) == 2
 
 
 def test_cosine_schedule():
@@ -317,6 +338,20 @@ def test_a_tuple_of_loaders_yields_batches_together_for_the_shortest_length():
     train_one_epoch(model, loaders, torch.optim.SGD(model.parameters(), lr=0.1), 0,
                           compute_losses, make_precision("none", "cpu"))
     assert seen == [(4, 2, 3)] * 3
+
+
+def test_a_list_of_batches_is_an_epoch_of_exactly_those_batches():
+    batches = [(torch.full((2, 6), float(i)), torch.zeros(2, 1)) for i in range(3)]
+    seen = []
+
+    def compute_losses(model, batch, context):
+        x, _ = batch
+        seen.append((x[0, 0].item(), context.step, context.steps_per_epoch))
+        return {"loss": model(x).mean()}
+    model = nn.Linear(6, 1)
+    stats = train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), 0, compute_losses,
+                            make_precision("none", "cpu"))
+    assert seen == [(0.0, 0, 3), (1.0, 1, 3), (2.0, 2, 3)] and "loss" in stats
 
 
 @pytest.mark.parametrize("flags, package", [({"use_wandb": True}, "wandb"), ({"tensorboard": True}, "tensorboard")])

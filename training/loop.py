@@ -40,8 +40,10 @@ class StepContext:
 
 
 def _batches_after(loader, skip: int):
-    """An iterator over `loader` from batch `skip` on, without loading the skipped batches."""
-    if skip == 0 or loader.batch_sampler is None or isinstance(loader.dataset, IterableDataset):
+    """An iterator over `loader` from batch `skip` on, without loading the skipped batches
+    when it is a DataLoader with a batch sampler."""
+    if (skip == 0 or not isinstance(loader, DataLoader) or loader.batch_sampler is None
+            or isinstance(loader.dataset, IterableDataset)):
         iterator = iter(loader)
         for _ in range(skip):
             next(iterator)
@@ -63,7 +65,8 @@ def _epoch_batches(loaders, epoch: int, skip: int, options: LoopOptions, resume:
     for each in loaders:
         # Datasets with set_epoch draw each sample's randomness from (seed, epoch, rank, index),
         # so a resumed epoch, whose batches go to other workers, decodes the same clips.
-        for target in (each.sampler, getattr(each.batch_sampler, "sampler", None), each.dataset):
+        for target in (getattr(each, "sampler", None), getattr(getattr(each, "batch_sampler", None), "sampler", None),
+                       getattr(each, "dataset", None)):
             if hasattr(target, "set_epoch"):
                 target.set_epoch(epoch)
     iterators = [_batches_after(each, skip) for each in loaders]
@@ -109,8 +112,9 @@ def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precis
                     resume: ResumePoint | None = None, experiment_logger=None) -> dict:
     """One epoch of training; returns the epoch's averages over all ranks ('lr', losses...).
 
-    `loader` is a DataLoader, or a tuple of them (e.g. video and image for --sep_img) whose
-    batches arrive together as a tuple, for as many steps as the shortest has.
+    `loader` is any sized iterable of batches (a DataLoader, a list of batches), or a tuple of
+    them (e.g. video and image loaders for --sep_img) whose batches arrive together as a
+    tuple, for as many steps as the shortest has.
 
     `compute_losses(model, batch, context)` returns a dict of named loss tensors; their sum
     is the loss, run under autocast. With accumulation the loss is divided by the number
@@ -125,7 +129,7 @@ def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precis
     only on its index and the epoch (datasets with `set_epoch`).
     """
     options = options or LoopOptions()
-    loaders = tuple(loader) if isinstance(loader, (list, tuple)) else (loader,)
+    loaders = loader if isinstance(loader, tuple) else (loader,)
     model.train()
     skip = resume.skip_batches if resume is not None and resume.epoch == epoch else 0
     batches = _epoch_batches(loaders, epoch, skip, options, resume)

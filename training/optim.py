@@ -1,32 +1,43 @@
-"""AdamW with a no-decay group, learning-rate schedules and the distillation ramp."""
+"""AdamW and its weight-decay groups, learning-rate schedules and the distillation ramp."""
 import math
 from typing import Callable
 
 import torch
 
-from configs.keys import value
+from configs.keys import ConfigError, value
 from training.distributed import unwrap_model
 
 
-# Learned tokens, position/time embeddings and scales: decaying them toward 0 only hurts.
-NO_WEIGHT_DECAY_NAMES = frozenset({"cls_token", "pos_embed", "time_embed", "temporal_scaling", "temp"})
+# Learned tokens, position/time embeddings and scales: the project's own exemption rule
+# decays none of them (nor any 1-D tensor).
+EMBEDDING_NAMES = frozenset({"cls_token", "pos_embed", "time_embed", "temporal_scaling", "temp"})
+# BLIP's pre-training rule: a substring match on the name, so the TimeSformer's norms (norm1, ...)
+# are decayed and only BERT's LayerNorms and every bias are exempt.
+BLIP_NO_DECAY_SUBSTRINGS = ("bias", "LayerNorm.bias", "LayerNorm.weight")
+EXEMPTION_RULES = {
+    "none": lambda name, param: False,  # the original's fine-tuning: AdamW(model.parameters(), weight_decay)
+    "bias_layernorm": lambda name, param: any(part in name for part in BLIP_NO_DECAY_SUBSTRINGS),
+    "bias_norm_embed": lambda name, param: param.ndim <= 1 or name.split(".")[-1] in EMBEDDING_NAMES,
+}
 
 
-def param_groups_for_weight_decay(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weights, and biases/norms/1-D params/tokens without decay."""
+def param_groups_for_weight_decay(model: torch.nn.Module, weight_decay: float, exempt: str = "none") -> list[dict]:
+    """AdamW groups: decayed parameters, and those the rule `exempt` (a weight_decay_exempt value)
+    spares, in named_parameters() order; parameters that are not trained are left out."""
+    if exempt not in EXEMPTION_RULES:
+        raise ConfigError(f"weight_decay_exempt {exempt!r} is unknown; expected one of {list(EXEMPTION_RULES)}")
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        exempt = param.ndim <= 1 or name.split(".")[-1] in NO_WEIGHT_DECAY_NAMES
-        (no_decay if exempt else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        if param.requires_grad:
+            (no_decay if EXEMPTION_RULES[exempt](name, param) else decay).append(param)
+    # Two groups whatever the rule (the second may be empty), so optimiser states stay interchangeable.
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def create_optimizer(model: torch.nn.Module, config: dict) -> torch.optim.AdamW:
-    """AdamW at the config's init_lr and weight_decay, with the no-decay group split off."""
-    groups = param_groups_for_weight_decay(unwrap_model(model), value(config, "weight_decay", "the optimiser"))
+    """AdamW at the config's init_lr and weight_decay, sparing the parameters weight_decay_exempt names."""
+    groups = param_groups_for_weight_decay(unwrap_model(model), value(config, "weight_decay", "the optimiser"),
+                                           value(config, "weight_decay_exempt"))
     return torch.optim.AdamW(groups, lr=value(config, "init_lr", "the optimiser"))
 
 
