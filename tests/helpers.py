@@ -9,6 +9,7 @@ from ruamel.yaml import YAML
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 E2E = FIXTURES / "e2e"
+TRAIN_E2E = FIXTURES / "train_e2e"
 E2E_FORMATS = ["didemo", "activitynet", "queryd", "condensedmovies"]
 # The original's metric names -> this project's: txt_* rank texts for a video, vid_* videos for a text.
 E2E_METRIC_NAMES = {f"{old}_{m}": f"{new}_{m}" for old, new in (("txt", "video2txt"), ("vid", "txt2video"))
@@ -36,11 +37,21 @@ def load_exact(model, path: Path):
     return model.eval()
 
 
-def e2e_paths(fmt: str) -> dict:
+def fixture_paths(path: Path) -> dict:
     """An end-to-end fixture yaml's relative paths, made absolute (they are relative to its folder)."""
-    config = read_yaml(E2E / f"{fmt}.yaml")
-    return {key: str((E2E / config[key]).resolve())
-            for key in ("video_root", "ann_root", "pretrained", "tokenizer", "med_config")}
+    config = read_yaml(path)
+    return {key: str((path.parent / config[key]).resolve())
+            for key in ("video_root", "ann_root", "pretrained", "tokenizer", "med_config") if key in config}
+
+
+def e2e_paths(fmt: str) -> dict:
+    return fixture_paths(E2E / f"{fmt}.yaml")
+
+
+def train_e2e_config(name: str) -> dict:
+    """A tests/fixtures/train_e2e yaml with its paths made absolute."""
+    path = TRAIN_E2E / f"{name}.yaml"
+    return {**read_yaml(path), **fixture_paths(path)}
 
 
 def e2e_evaluate_command(fmt: str, output_dir, *options) -> list[str]:
