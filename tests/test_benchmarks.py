@@ -79,7 +79,7 @@ def test_data_benchmark_times_both_decoders_and_both_paths(tmp_path):
     rows = run_benchmark("bench_data.py", tmp_path, "--clips", 1, "--repeats", 1, "--seconds", 2,
                          timed=False)["results"]
     assert {(row["backend"], row["mode"]) for row in rows} == {
-        (backend, mode) for backend in ("decord", "pyav") for mode in ("train", "eval")}
+        (backend, mode) for backend in ("decord", "pyav") for mode in ("augmented", "plain")}
     assert all(row["clips_per_s"] > 0 and 0 <= row["decode_share"] <= 1 for row in rows)
 
 
