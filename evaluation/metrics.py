@@ -18,7 +18,8 @@ def best_ground_truth_ranks(scores, ground_truth: list[list[int]], tie_rule: str
     - "pessimistic": 1 + the number of non-ground-truth candidates scoring at least as
       high as the best ground truth (a ground truth left at the fill value outside the
       re-ranked top k ranks last).
-    Other ground truths never push a query's rank down under either rule.
+    Other ground truths never push a query's rank down under either rule. A NaN or inf score
+    is refused (ValueError): ranks computed from it would be meaningless.
     """
     if tie_rule not in TIE_RULES:
         raise ValueError(f"unknown tie_rule {tie_rule!r}; expected one of {TIE_RULES}")
@@ -26,6 +27,9 @@ def best_ground_truth_ranks(scores, ground_truth: list[list[int]], tie_rule: str
     if scores.ndim != 2 or scores.shape[0] != len(ground_truth):
         raise ValueError(f"scores must be (num_queries, num_candidates) with one ground-truth "
                          f"list per query; got shape {scores.shape} and {len(ground_truth)} lists")
+    if not np.isfinite(scores).all():
+        raise ValueError(f"scores hold NaN or inf (first in query {int(np.nonzero(~np.isfinite(scores))[0][0])}): "
+                         "ranks computed from them would be meaningless")
     ranks = np.empty(len(ground_truth), dtype=np.int64)
     for query, targets in enumerate(ground_truth):
         if len(targets) == 0:

@@ -17,6 +17,7 @@ from data import shard_indices
 from evaluation.metrics import TIE_RULES
 from models.testa_retrieval import rerank_scores, rows_per_itm_batch
 from training.distributed import gather_objects, get_rank, get_world_size
+from training.numerics import require_finite
 from training.progress import MetricLogger
 
 TEXT_BATCH = 256
@@ -61,16 +62,21 @@ def cache_video_tokens(model, loader, device: torch.device, autocast: Callable[[
     The cache is the memory peak of long-video evaluation: low_resource keeps it in fp16 on
     the CPU, and each batch is written into one preallocated tensor (a list of batches plus
     its concatenation would need twice the memory) and dropped before the next is encoded.
+    A NaN or inf in a batch's tokens (as cached: fp16 may overflow) or features raises
+    NonFiniteError naming the batch and the first such video (its dataset index).
     """
     cache_device, cache_dtype = ("cpu", torch.float16) if low_resource else (device, torch.float32)
     video_tokens, video_feats, filled = None, [], 0
-    for video, _ in MetricLogger().log_every(loader, 10, "Encoding videos:"):
+    for batch, (video, indices) in enumerate(MetricLogger().log_every(loader, 10, "Encoding videos:")):
         with autocast():
             tokens, feat = model.encode_video(video.to(device, non_blocking=True))
         if video_tokens is None:
             video_tokens = torch.empty((len(loader.sampler), *tokens.shape[1:]), dtype=cache_dtype,
                                        device=cache_device)
         video_tokens[filled:filled + len(tokens)] = tokens
+        for name, values in (("video tokens", video_tokens[filled:filled + len(tokens)]), ("video features", feat)):
+            require_finite(values, lambda row: f"non-finite {name} in evaluation batch {batch} "
+                                               f"(first at video {int(indices[row])})")
         filled += len(tokens)
         video_feats.append(feat.float())
         del tokens  # else it lives on while the next batch is encoded: two batches beside the cache
@@ -80,7 +86,8 @@ def cache_video_tokens(model, loader, device: torch.device, autocast: Callable[[
 
 @torch.no_grad()
 def encode_texts(model, texts: list[str], autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token ids, attention masks (all texts) and ITC features (gathered from every rank's shard)."""
+    """Token ids, attention masks (all texts) and ITC features (gathered from every rank's shard).
+    A NaN or inf in the features raises NonFiniteError naming the first such text."""
     input_ids, attention_mask = model.tokenize(texts)
     text_feats = []
     shard = my_shard(len(texts), TEXT_BATCH)
@@ -88,6 +95,8 @@ def encode_texts(model, texts: list[str], autocast) -> tuple[torch.Tensor, torch
         stop = min(start + TEXT_BATCH, shard.stop)
         with autocast():
             text_feats.append(model.encode_text(input_ids[start:stop], attention_mask[start:stop])[1].float())
+        require_finite(text_feats[-1], lambda row: f"non-finite text features in text batch {start // TEXT_BATCH} "
+                                                   f"(first at text {start + row})")
     return input_ids, attention_mask, gather_in_rank_order(text_feats)
 
 
@@ -99,6 +108,9 @@ def score_matrices(model, loader, texts: list[str], device: torch.device, autoca
 
     Every rank encodes its shard of the texts and videos; the features are gathered, and
     each rank re-ranks its shard of the queries, so the result equals a single process's.
+    A NaN or inf in the text or video features (checked as they are encoded) or in the
+    re-ranked scores raises NonFiniteError (the ITC similarities, products of finite unit
+    vectors, cannot hold one).
     """
     model.eval()
     input_ids, attention_mask, text_feat = encode_texts(model, texts, autocast)
@@ -111,6 +123,8 @@ def score_matrices(model, loader, texts: list[str], device: torch.device, autoca
         with autocast():
             part = rerank_scores(model, matrix, k, video_tokens, input_ids, attention_mask, rows, video_rows, batch)
         parts.append(gather_in_rank_order([part]).cpu())  # saved, zipped and ranked on the CPU
+        query, direction = ("video", "video-to-text") if video_rows else ("text", "text-to-video")
+        require_finite(parts[-1], lambda row: f"non-finite ITM scores in {direction} re-ranking (first at {query} {row})")
     scores_v2t, scores_t2v = parts
     return scores_t2v, scores_v2t
 

@@ -28,11 +28,14 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 def sample_hard_negatives(weights: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """One index per row, drawn in proportion to ``weights`` among the non-positive columns.
 
-    A row whose candidates are all positives (a batch of one video, say) falls back to
-    uniform sampling over its columns rather than failing inside multinomial.
+    A row whose candidates are all positives (a batch of one video, say), or whose weights hold
+    a NaN or inf (a diverged model), falls back to uniform sampling over its columns rather than
+    failing inside multinomial: the forward pass ends, and the training loop reports the
+    non-finite loss in one line.
     """
     weights = weights.masked_fill(positives, 0)
-    empty = weights.sum(dim=1) <= 0
+    row_sums = weights.sum(dim=1)
+    empty = ~(torch.isfinite(row_sums) & (row_sums > 0))
     if empty.any():
         weights[empty] = 1.0
     return torch.multinomial(weights, 1).squeeze(1)

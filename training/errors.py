@@ -18,10 +18,24 @@ class UserError(Exception):
     """A mistake in the user's input (flags, files, config): reported in one line."""
 
 
+class NonFiniteError(Exception):
+    """A NaN or inf in a feature, score, loss, gradient or weight (a broken checkpoint, a run
+    that diverged): the run stops, naming the tensor and where, instead of reporting or saving
+    numbers computed from it."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with where the run stopped and what it left on disk as its message."""
+
+
 # What a user's input can cause: each is reported in one line. DataError covers broken
 # annotation files (data.annotations.AnnotationError), undecodable videos
 # (data.video.VideoReadError) and splits without any video.
-USER_ERRORS = (UserError, ConfigError, CheckpointError, DataError, FileNotFoundError)
+USER_ERRORS = (UserError, ConfigError, CheckpointError, DataError, FileNotFoundError, NonFiniteError)
+
+# The shell's status for a process ended by SIGINT (128 + 2): scripts and schedulers can tell
+# an interrupted run from a failed one.
+INTERRUPTED_EXIT_CODE = 130
 
 # OSErrors that are about the paths the user gave or the machine (an unwritable or
 # non-creatable --output_dir, a full disk), not about the code.
@@ -89,14 +103,30 @@ def user_message(error: BaseException):
     return None
 
 
+def _report(message: str) -> None:
+    # Not print(): the distributed set-up silences print() on every rank but 0.
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run `main()`; user mistakes and environment failures print one `error: ...` line to
-    stderr and exit 1. Under torchrun rank 0 reports; the other ranks exit quietly.
+    stderr and exit 1, Ctrl-C one `error: interrupted ...` line and exit 130. Under torchrun
+    rank 0 reports; the other ranks exit quietly.
 
     Anything else is a bug and keeps its traceback.
     """
     try:
         main()
+    except KeyboardInterrupt as interrupt:
+        # Ctrl-C reaches every process of the terminal's group, torchrun's workers included:
+        # rank 0 says where the run stopped (Interrupted's message), the others stay quiet.
+        if int(os.environ.get("RANK", 0)) == 0:
+            _report(str(interrupt) if isinstance(interrupt, Interrupted) else "interrupted")
+        # An object the interrupt cut short while it was being built (a video decoder, say) can
+        # fail again when it is freed: that noise says nothing the line above does not.
+        sys.unraisablehook = lambda unraisable: None
+        sys.exit(INTERRUPTED_EXIT_CODE)
     except Exception as error:
         message = user_message(error)
         if message is None and isinstance(error, RuntimeError) and _PEER_EXITED.search(str(error)):
@@ -109,9 +139,7 @@ def run_cli(main: Callable[[], object]) -> None:
             # could get rank 0 stopped before it prints. A rank still alive after the wait has
             # an error of its own (a bad video in its shard) and reports it.
             time.sleep(QUIET_WAIT_S)
-        # Not print(): the distributed set-up silences print() on every rank but 0.
-        sys.stderr.write(f"error: {message}\n")
-        sys.stderr.flush()
+        _report(message)
         sys.exit(1)
     finally:
         if dist.is_available() and dist.is_initialized():

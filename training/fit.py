@@ -12,18 +12,24 @@ from training.checkpoints import Checkpointer, load_model_state
 from training.cli import Run
 from training.distributed import gather_objects, is_main_process, wrap_distributed
 from training.logging import ExperimentLogger, log_epoch, write_results
-from training.loop import LoopOptions, train_one_epoch
+from training.loop import LoopOptions, checkpoint_on_disk, save_if_finite, stops_reported, train_one_epoch
 from training.optim import create_optimizer, make_lr_schedule
 
 
+# What each of a dataset's input logs counts, as the epoch's summary says it.
+EPOCH_COUNTS = (("bad_inputs", "unreadable inputs were replaced"),
+                ("short_clips", "clips had fewer frames than sampled and were used with frames repeated"))
+
+
 def report_bad_inputs(datasets, epoch: int) -> None:
-    """Say how many unreadable inputs each dataset replaced this epoch, and start counting anew."""
+    """Say how many unreadable inputs each dataset replaced this epoch, and how many clips it
+    read with repeated frames; then start counting anew."""
     for dataset in datasets:
-        count = dataset.bad_inputs.count()
-        if count:
-            print(f"epoch {epoch}: {count} unreadable inputs were replaced "
-                  f"(first: {dataset.bad_inputs.paths()[:3]})")
-            dataset.bad_inputs.reset()
+        for name, happened in EPOCH_COUNTS:
+            log = getattr(dataset, name)
+            if log.count():
+                print(f"epoch {epoch}: {log.count()} {happened} (first: {log.paths()[:3]})")
+                log.reset()
 
 
 def fit(run: Run, model: torch.nn.Module, train_loader, compute_losses, schedule: str,
@@ -37,12 +43,16 @@ def fit(run: Run, model: torch.nn.Module, train_loader, compute_losses, schedule
     `EpochEnd`: validation, checkpoint_best.pth, log.txt. A resume whose last epoch was
     saved but not logged finishes that epoch first. Finally `test(model)` runs with the best
     weights and its metrics go to test_results.txt with the evaluation `protocol`.
+
+    A NaN or inf (a loss, gradient or weight; a feature or score in validation or test) and
+    Ctrl-C stop the run with one line that says where and what checkpoint_last.pth holds; no
+    weights with a NaN or inf are saved, and no metrics computed from one are written.
     """
     args, config = run.args, run.config
     wrapped = wrap_distributed(model, run.device)
     optimizer = create_optimizer(model, config)
     lr_schedule = make_lr_schedule(config, schedule)
-    checkpointer = Checkpointer(run.output_dir, wrapped, optimizer, run.precision, config)
+    checkpointer = Checkpointer(run.output_dir, wrapped, optimizer, run.precision, config, run.training_flags)
     resume = checkpointer.resume(args.checkpoint)
     options = LoopOptions.from_args(args, run.seed)
     experiment_logger = ExperimentLogger(run.output_dir, config, args.tensorboard, args.wandb)
@@ -58,7 +68,8 @@ def fit(run: Run, model: torch.nn.Module, train_loader, compute_losses, schedule
         stats = train_one_epoch(wrapped, train_loader, optimizer, epoch, compute_losses, run.precision,
                                 options, lr_schedule, checkpointer, resume, experiment_logger)
         report_bad_inputs(bad_input_datasets, epoch)
-        checkpointer.save("checkpoint_last.pth", epoch, epoch_complete=True, epoch_stats=stats)
+        with stops_reported(lambda: f"at the end of epoch {epoch}", lambda: checkpoint_on_disk(checkpointer)):
+            save_if_finite(checkpointer, "checkpoint_last.pth", epoch, epoch_complete=True, epoch_stats=stats)
         finish(epoch, stats)
     experiment_logger.close()
     if test is not None:
@@ -98,7 +109,10 @@ class EpochEnd:
 
     def __call__(self, epoch: int, stats: dict) -> None:
         checkpointer = self.checkpointer
-        val = self.validate(self.model, epoch) if self.validate is not None else {}
+        val = {}
+        if self.validate is not None:
+            with stops_reported(lambda: f"while validating epoch {epoch}", lambda: checkpoint_on_disk(checkpointer)):
+                val = self.validate(self.model, epoch)
         best = self.best_metric
         if best is not None and best in val and (checkpointer.best_metric is None
                                                  or val[best] > checkpointer.best_metric):
@@ -128,6 +142,7 @@ def test_best_weights(run: Run, model: torch.nn.Module, test: Callable[[torch.nn
 def report_test(run: Run, model: torch.nn.Module, test: Callable[[torch.nn.Module], dict], filename: str,
                 protocol: dict) -> dict:
     """Run `test(model)` and record its metrics with the protocol in output_dir/filename."""
-    metrics = test(model)
+    with stops_reported(lambda: "while testing", lambda: f"no metrics written to {filename}"):
+        metrics = test(model)
     write_results(run.output_dir, filename, {"split": "test", **protocol, **metrics})
     return metrics
