@@ -13,13 +13,17 @@ Loading is lenient only where the published workflow needs it:
   ``keep_queues=False`` every queue starts fresh, as the original's loader deleted them.
 
 Any other shape mismatch is an error naming the key. A checkpoint must also fit the model
-it is loaded into: a tensor the model needs that the file lacks is an error naming the
-file's family (pre-training, retrieval, QA; video or image BLIP), except the short list in
-``may_start_fresh`` of what legitimately starts fresh.
+it is loaded into: the model settings recorded in a checkpoint this project wrote must be
+the model's (``check_recorded_settings``); a block stack (video encoder blocks, BERT layers)
+must have as many blocks in the file as in the model; and a tensor the model needs that the
+file lacks is an error naming the file's family (pre-training, retrieval, QA; video or image
+BLIP), except the short list in ``may_start_fresh`` of what legitimately starts fresh.
 """
 from __future__ import annotations
 
 import math
+import re
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +46,19 @@ QUEUE_BUFFERS = ("image_queue", "text_queue", "idx_queue", "ptr_queue", "queue_p
 # Which checkpoint tasks each model task loads from (video or image BLIP alike).
 LOADS_FROM = {"retrieval": "a pre-training or retrieval", "QA": "a pre-training or QA",
               "pre-training": "a pre-training"}
+
+
+# The BERT config fields (the `med_config` file) that fix what the text weights mean.
+TEXT_SETTINGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+# What a training checkpoint written before `model_settings` existed tells by its stored config.
+STORED_CONFIG_SETTINGS = ("vision_width", "depth", "num_heads", "patch_size")
+# (setting, the checkpoint's, the model's) that load all the same: a space-only encoder starts
+# a divided space-time one, as image BLIP does (temporal attention copied from the spatial).
+ALLOWED_SETTING_CHANGES = {("attention_type", "space_only", "divided_space_time")}
+# A stack of numbered blocks in a key: visual_encoder.blocks.3.attn.qkv.weight, text_encoder.encoder.layer.0...
+_STACKED_BLOCK = re.compile(r"^(.+\.(blocks|layer))\.(\d+)\.")
+# The setting each kind of stack follows.
+STACK_SETTINGS = {"blocks": "config key depth", "layer": "num_hidden_layers of the BERT config, med_config"}
 
 
 def _is_temporal(key: str) -> bool:
@@ -85,6 +102,79 @@ def may_start_fresh(key: str, image_prefixes: set[str]) -> bool:
     return any(key.startswith(p) and _is_temporal(key) for p in image_prefixes)
 
 
+def model_settings(model: nn.Module) -> dict:
+    """The settings that fix what a model's weights mean, by the names a user sets them with:
+    config keys, and `med_config.<field>` for the BERT config file. Training checkpoints record
+    them and loading compares them (check_recorded_settings). Left out: what loading adapts
+    (image_size, num_frames, learnable_temporal_scaling, queues) and what has no weights
+    (token merging)."""
+    settings = {}
+    encoder = getattr(model, "visual_encoder", None)
+    if encoder is not None:
+        settings.update(vision_width=encoder.embed_dim, depth=len(encoder.blocks),
+                        num_heads=encoder.blocks[0].attn.num_heads, patch_size=encoder.patch_embed.proj.kernel_size[0],
+                        attention_type=encoder.attention_type)
+    if isinstance(getattr(model, "vision_proj", None), nn.Linear):
+        settings["embed_dim"] = model.vision_proj.out_features
+    text_encoder = getattr(model, "text_encoder", None)
+    if text_encoder is not None:
+        settings.update({f"med_config.{name}": getattr(text_encoder.config, name) for name in TEXT_SETTINGS})
+    return settings
+
+
+def recorded_settings(checkpoint) -> dict:
+    """The model settings a read checkpoint file records: its `model_settings`, else (a training
+    checkpoint written before that record) its config's video encoder keys; {} for a released one."""
+    if not isinstance(checkpoint, dict):
+        return {}
+    if isinstance(checkpoint.get("model_settings"), dict):
+        return checkpoint["model_settings"]
+    config = checkpoint.get("config")
+    return {name: config[name] for name in STORED_CONFIG_SETTINGS if name in config} if isinstance(config, dict) else {}
+
+
+def check_recorded_settings(checkpoint, source: str, model: nn.Module) -> None:
+    """Stop, naming every difference and both values, when the model settings a read checkpoint
+    records are not the model's. num_heads changes no shape: only this record can tell it."""
+    recorded, current = recorded_settings(checkpoint), model_settings(model)
+    differ = [name for name in recorded if name in current and recorded[name] != current[name]
+              and (name, recorded[name], current[name]) not in ALLOWED_SETTING_CHANGES]
+    if not differ:
+        return
+
+    def listed(settings):
+        return ", ".join(f"{name}={settings[name]}" for name in differ)
+
+    hint = " (med_config.*: the BERT config file)" if any(name.startswith("med_config.") for name in differ) else ""
+    raise CheckpointError(f"{source} was written for another model: {listed(recorded)} there, "
+                          f"{listed(current)} in this config{hint}")
+
+
+def _block_stacks(keys) -> dict[str, set[int]]:
+    """{'visual_encoder.blocks': {0, 1, ...}, 'text_encoder.encoder.layer': {...}, ...}"""
+    stacks: dict[str, set[int]] = {}
+    for key in keys:
+        match = _STACKED_BLOCK.match(key)
+        if match:
+            stacks.setdefault(match.group(1), set()).add(int(match.group(3)))
+    return stacks
+
+
+def check_block_stacks(state_dict: dict, model_state: dict, source: str, family: str) -> None:
+    """Missing or extra blocks are an error, not blocks left at their initialisation or ignored:
+    a stack of blocks that both the file and the model have must have the same blocks."""
+    in_file, in_model = _block_stacks(state_dict), _block_stacks(model_state)
+    differ: dict[tuple, list[str]] = {}
+    for stack, blocks in in_model.items():
+        if stack in in_file and in_file[stack] != blocks:
+            kind = stack.rpartition(".")[2]
+            differ.setdefault((len(in_file[stack]), len(blocks), kind), []).append(stack)
+    if differ:
+        raise CheckpointError(f"{source} ({family} checkpoint) does not fit this model: " + "; ".join(
+            f"{', '.join(stacks)}: {in_file_count} blocks in the file, {in_model_count} in the model "
+            f"({STACK_SETTINGS[kind]})" for (in_file_count, in_model_count, kind), stacks in differ.items()))
+
+
 def _missing_error(source: str, family: str, model_task: str, missing: list[str]) -> CheckpointError:
     modules = list(_group_by_module(missing))
     examples = [next(k for k in missing if k.partition(".")[0] == m) for m in modules[:4]]
@@ -96,16 +186,32 @@ def _missing_error(source: str, family: str, model_task: str, missing: list[str]
                            f"it lacks {len(missing)} tensors the model needs ({', '.join(examples)}{more}){hint}")
 
 
-def read_checkpoint(path) -> dict:
+def read_checkpoint(path, mmap: bool = False) -> dict:
     """Read a checkpoint file on the CPU with weights_only=True (a file from the internet
-    cannot run code)."""
+    cannot run code). ``mmap`` maps the tensors instead of reading them: a cheap look at the
+    other entries of a large file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes; an interrupted "
+                              "save, copy or download?)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # torch maps only its zip format (a truncated file is no zip either: read, it says so).
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_reading_failure(error, size)}") from None
+
+
+def _reading_failure(error: Exception, size: int) -> str:
+    """torch's reason, shortened to its first sentence where the file is cut short or damaged."""
+    text = str(error).strip()
+    first_line = text.splitlines()[0] if text else type(error).__name__
+    if isinstance(error, (EOFError, OSError)) or "PytorchStreamReader" in first_line:
+        return (f"the file ({size} bytes) is truncated or damaged ({first_line.split('. ')[0]}; "
+                "an interrupted save, copy or download?)")
+    return first_line
 
 
 @dataclass
@@ -145,7 +251,11 @@ def _group_by_module(keys: list[str]) -> dict[str, list[str]]:
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The state dict of a checkpoint file: ``{'model': sd, ...}``, ``{'state_dict': sd}`` or bare."""
-    checkpoint = read_checkpoint(path)
+    return state_dict_of(read_checkpoint(path), path)
+
+
+def state_dict_of(checkpoint, path: str) -> dict[str, torch.Tensor]:
+    """The state dict a read checkpoint holds (formats: read_state_dict)."""
     if isinstance(checkpoint, dict):
         for key in ("model", "state_dict"):
             if isinstance(checkpoint.get(key), dict):
@@ -202,12 +312,19 @@ def _adapt_visual_encoder(sd: dict, model_state: dict, prefix: str, report: Load
                     report.initialised_from_spatial.append(target)
 
 
+def _read_fitting(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint file whose recorded model settings are the model's."""
+    checkpoint = read_checkpoint(path)
+    check_recorded_settings(checkpoint, path, model)
+    return state_dict_of(checkpoint, path)
+
+
 def load_checkpoint(model: nn.Module, checkpoint: str | dict, verbose: bool = True,
                     keep_queues: bool = True) -> LoadReport:
     """Load ``checkpoint`` (path or state dict) into ``model`` and print one readable summary.
     ``keep_queues=False`` starts every feature queue fresh (see adapt_state_dict)."""
     source = checkpoint if isinstance(checkpoint, str) else "state dict"
-    state_dict = read_state_dict(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    state_dict = _read_fitting(checkpoint, model) if isinstance(checkpoint, str) else checkpoint
     model_state = model.state_dict()
     report = LoadReport(family=checkpoint_family(state_dict))
     adapted = adapt_state_dict(state_dict, model_state, report, keep_queues)
@@ -218,6 +335,7 @@ def load_checkpoint(model: nn.Module, checkpoint: str | dict, verbose: bool = Tr
         raise CheckpointError(f"{source} ({report.family} checkpoint) does not fit this model (shape mismatch): "
                               + "; ".join(mismatched[:5])
                               + (f" and {len(mismatched) - 5} more" if len(mismatched) > 5 else ""))
+    check_block_stacks(state_dict, model_state, source, report.family)
     usable = {k: v for k, v in adapted.items() if k in model_state}
     if not usable:
         raise CheckpointError(f"{source} shares no parameter names with {type(model).__name__}: "

@@ -1,10 +1,12 @@
-"""Training checkpoints: atomic saves of the whole training state and exact resumption."""
+"""Training checkpoints: atomic saves of the whole training state and exact resumption, and
+what a resume must have in common with the run that wrote the checkpoint."""
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from models.checkpoint import checkpoint_family, read_checkpoint
+from configs.keys import CONFIG_KEYS, ConfigError, value
+from models.checkpoint import check_recorded_settings, checkpoint_family, model_settings, read_checkpoint
 from training.distributed import barrier, gather_objects, get_rank, get_world_size, is_main_process, unwrap_model
 from training.errors import UserError
 from training.precision import Precision
@@ -21,6 +23,75 @@ class ResumePoint:
     rng_state: dict | None = None
     meters: dict | None = None
     finished_epoch_stats: dict | None = None
+
+
+# Config keys a resume may change: where the files are, how evaluation runs, how fast or
+# memory-hungry training is, and max_epoch (to train longer or stop sooner). Every other key
+# changes what training computes (docs/checkpoints.md, "Resuming").
+CHANGEABLE_ON_RESUME = frozenset({
+    "max_epoch", "pretrained", "pretrained_queues", "video_root", "ann_root", "train_file", "train_shards",
+    "allow_paths_outside_video_root",
+    "answer_list", "med_config", "tokenizer", "num_workers", "vit_grad_ckpt", "vit_ckpt_layer",
+    "batch_size_test", "num_frm_test", "frm_sampling_strategy_test", "k_test", "k_test_batch_size",
+    "low_resource_eval", "tie_rule", "inference", "answer_candidates", "val_question_every",
+    "substitute_black_on_error",
+    "max_words",  # compared through caption_max_words and text_max_tokens, which it sets
+})
+# The training batch per process: fine-tuning, pre-training.
+BATCH_KEYS = ("batch_size_train", "batch_size")
+
+
+def resume_path(output_dir, checkpoint: str | None) -> Path | None:
+    """The checkpoint a training run resumes: `checkpoint` (--checkpoint), else
+    output_dir/checkpoint_last.pth when present."""
+    if checkpoint:
+        return Path(checkpoint)
+    last = Path(output_dir) / "checkpoint_last.pth"
+    return last if last.is_file() else None
+
+
+def training_settings(precision: Precision, flags: dict) -> dict:
+    """What besides the config changes what training computes: the number of processes, the
+    arithmetic precision and the script's training flags (accumulation_steps, max_grad_norm)."""
+    arithmetic = "fp32" if precision.dtype is None else str(precision.dtype).removeprefix("torch.")
+    return {"world_size": get_world_size(), "precision": arithmetic, **flags}
+
+
+def recorded_training_settings(state: dict) -> dict:
+    """The training settings a checkpoint records; a checkpoint written before that record
+    tells its number of processes by its RNG states, one per process."""
+    if isinstance(state.get("training_settings"), dict):
+        return state["training_settings"]
+    return {"world_size": len(state["rng"])} if state.get("rng") else {}
+
+
+def _resolved(config: dict, name: str):
+    try:
+        return value(config, name)
+    except ConfigError:  # a required key this config does not set
+        return None
+
+
+def resume_differences(state: dict, config: dict, settings: dict) -> dict[str, tuple]:
+    """{setting: (the checkpoint's, this run's)} for every setting that changes training and
+    differs: the config keys (defaults resolved) but CHANGEABLE_ON_RESUME, then the training
+    settings the checkpoint records."""
+    differences = {}
+    if isinstance(state.get("config"), dict):
+        for name in CONFIG_KEYS:
+            before, now = _resolved(state["config"], name), _resolved(config, name)
+            if name not in CHANGEABLE_ON_RESUME and before != now:
+                differences[name] = (before, now)
+    recorded = recorded_training_settings(state)
+    differences.update({name: (recorded[name], now) for name, now in settings.items()
+                        if name in recorded and recorded[name] != now})
+    return differences
+
+
+def _samples_per_batch(config: dict, world_size: int | None) -> int | None:
+    """Training samples per loader step, all processes together."""
+    batch = next((config[key] for key in BATCH_KEYS if key in config), None)
+    return batch * world_size if batch and world_size else None
 
 
 def load_model_state(model: torch.nn.Module, state_dict: dict, source: str) -> None:
@@ -44,15 +115,19 @@ class Checkpointer:
     Checkpoint keys: model, optimizer, scaler, config, epoch, step_in_epoch (batches done),
     epoch_complete, global_step, best_metric, rng and meters (one per rank, in rank order:
     RNG states and the epoch's running loss totals), epoch_stats (the finished epoch's
-    training averages, for its log.txt line).
+    training averages, for its log.txt line), model_settings (models.checkpoint.model_settings:
+    checked wherever the file is loaded), training_settings (`training_settings` of this run,
+    from `training_flags`: compared when a run resumes).
     """
 
-    def __init__(self, output_dir, model, optimizer, precision: Precision, config: dict):
+    def __init__(self, output_dir, model, optimizer, precision: Precision, config: dict,
+                 training_flags: dict | None = None):
         self.output_dir = Path(output_dir)
         self.model = model
         self.optimizer = optimizer
         self.precision = precision
         self.config = config
+        self.training_flags = training_flags or {}
         self.best_metric: float | None = None  # scripts update it when validation improves
         self.global_step = 0  # optimiser steps so far; kept current by train_one_epoch
 
@@ -77,19 +152,23 @@ class Checkpointer:
                 "rng": list(rng_states),
                 "meters": list(meter_states) if meters is not None else None,
                 "epoch_stats": epoch_stats,
+                "model_settings": model_settings(unwrap_model(self.model)),
+                "training_settings": training_settings(self.precision, self.training_flags),
             }, path)
         barrier()
         return path
 
     def resume(self, checkpoint: str | None = None) -> ResumePoint | None:
-        """Restore from `checkpoint`, else from output_dir/checkpoint_last.pth if present."""
-        path = Path(checkpoint) if checkpoint else self.output_dir / "checkpoint_last.pth"
-        if checkpoint is None and not path.is_file():
+        """Restore from `checkpoint`, else from output_dir/checkpoint_last.pth if present. The
+        settings that change training were compared before (training.cli.setup_run)."""
+        path = resume_path(self.output_dir, checkpoint)
+        if path is None:
             return None
         state = read_checkpoint(path)
         missing = [key for key in ("model", "optimizer", "epoch") if key not in state]
         if missing:
             raise UserError(f"checkpoint {path} is not a training checkpoint (no {', '.join(missing)})")
+        check_recorded_settings(state, str(path), unwrap_model(self.model))
         load_model_state(self.model, state["model"], str(path))
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -102,13 +181,27 @@ class Checkpointer:
         complete = state.get("epoch_complete", True)
         self.global_step = state.get("global_step", 0)
         point = ResumePoint(epoch=state["epoch"] + 1 if complete else state["epoch"],
-                            skip_batches=0 if complete else state.get("step_in_epoch", 0),
+                            skip_batches=0 if complete else self._batches_to_skip(state),
                             rng_state=rng_state, meters=None if complete else meters,
                             finished_epoch_stats=state.get("epoch_stats") if complete else None)
         if complete and rng_state is not None:
             set_rng_state(rng_state)
         print(f"resumed from {path}: epoch {point.epoch}, skipping {point.skip_batches} batches")
         return point
+
+    def _batches_to_skip(self, state: dict) -> int:
+        """The batches of this run that hold the samples the checkpoint's run had done in its
+        epoch. DistributedSampler deals out one shuffled order per epoch, so those are its first
+        `step_in_epoch * batch * processes`; a resume with another batch size or process count
+        (--resume_with_changes) redoes at most one batch's worth, and skips none it had not done."""
+        done = state.get("step_in_epoch", 0)
+        before = _samples_per_batch(state.get("config") or {}, recorded_training_settings(state).get("world_size"))
+        now = _samples_per_batch(self.config, get_world_size())
+        if not done or before is None or now is None or before == now:
+            return done
+        print(f"the checkpoint had done {done} batches of {before} samples (all processes) in its epoch: "
+              f"skipping {done * before // now} batches of {now}")
+        return done * before // now
 
 
 def _this_ranks(state: dict, key: str):

@@ -1,15 +1,22 @@
 """The flags every entry script shares, and the set-up they all start with."""
 import argparse
+import itertools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from configs.keys import value
 from data.video import reader_names
+from models.checkpoint import read_checkpoint
+from training.checkpoints import resume_differences, resume_path, training_settings
 from training.config import load_config, save_config
 from training.distributed import gather_objects, get_world_size, init_distributed, is_main_process, seed_for_rank
 from training.errors import UserError
+from training.logging import write_results
 from training.precision import Precision, make_precision
 from training.run_lock import acquire_run_lock
 from utils import keep_freed_cpu_memory, seed_everything
@@ -36,6 +43,10 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
     add("--checkpoint", default=None,
         help="checkpoint to resume training from (model, optimiser, scaler, epoch, step, RNG); "
              "without it, output_dir/checkpoint_last.pth is resumed when present")
+    add("--resume_with_changes", action="store_true",
+        help="resume although settings that change training (batch size, learning rate, processes, "
+             "--accumulation_steps, ...) differ from those the checkpoint was written under; the differences "
+             "are printed and recorded in log.txt. Without it such a resume stops, naming them")
     add("--evaluate", action="store_true",
         help="no training: evaluate the config's `pretrained` weights on the test split")
     add("--allow_random_weights", action="store_true",
@@ -82,6 +93,7 @@ class Run:
     output_dir: Path
     precision: "Precision"
     seed: int
+    training_flags: dict  # the flags that change what training computes (recorded in its checkpoints)
 
 # Flags that, when given, override the config key of the same name.
 _FLAGS_OVERRIDING_CONFIG = ("num_workers", "k_test_batch_size", "low_resource_eval", "seed")
@@ -101,16 +113,59 @@ def lock_output_dir(output_dir: Path) -> None:
         raise UserError(refusal)
 
 
+def check_resume_fits(args: argparse.Namespace, config: dict, settings: dict, output_dir: Path) -> None:
+    """A resume whose settings that change training differ from those its checkpoint was written
+    under stops, naming each; with --resume_with_changes it goes on with a warning and a
+    `resumed_with_changes` record in log.txt. Only the checkpoint's small entries are read."""
+    path = resume_path(output_dir, args.checkpoint)
+    if path is None:
+        return
+    differences = resume_differences(read_checkpoint(path, mmap=True), config, settings)
+    if not differences:
+        return
+    listed = ", ".join(f"{name} {before} -> {now}" for name, (before, now) in differences.items())
+    if not args.resume_with_changes:
+        raise UserError(f"{path} was written under other settings that change training (checkpoint -> this run): "
+                        f"{listed}; resume with the checkpoint's settings, use another --output_dir, or pass "
+                        "--resume_with_changes to continue with these changes")
+    print(f"warning: resuming {path} with changed settings (checkpoint -> this run): {listed}; "
+          "recorded in log.txt", file=sys.stderr, flush=True)
+    write_results(output_dir, "log.txt", {"resumed_with_changes": {name: list(pair) for name, pair in
+                                                                   differences.items()}, "checkpoint": str(path)})
+
+
+def keep_previous_config(config: dict, output_dir: Path) -> None:
+    """config.yaml is never overwritten silently: one that differs from this run's config is
+    kept as config.N.yaml (the first free N), with a warning naming the differences."""
+    target = output_dir / "config.yaml"
+    if not is_main_process() or not target.is_file():
+        return
+    try:
+        previous = YAML(typ="safe").load(target.read_text())
+    except YAMLError:
+        previous = None
+    previous = previous if isinstance(previous, dict) else {}
+    changed = [f"{name} {previous.get(name)} -> {config.get(name)}" for name in sorted(previous.keys() | config.keys())
+               if previous.get(name) != config.get(name)]
+    if not changed:
+        return
+    kept = next(path for path in (output_dir / f"config.{n}.yaml" for n in itertools.count(1)) if not path.exists())
+    target.rename(kept)
+    more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+    print(f"warning: {target} differs from this run's config ({', '.join(changed[:5])}{more}): "
+          f"the earlier one is kept as {kept.name}", file=sys.stderr, flush=True)
+
+
 def setup_run(args: argparse.Namespace) -> Run:
-    """Distributed init, config + overrides + flags, output folder (locked for this run),
-    config.yaml, seeding."""
+    """Distributed init, config + overrides + flags, output folder (locked for this run), the
+    resume's settings compared with its checkpoint's, config.yaml (an earlier, different one
+    kept), seeding."""
     device = init_distributed(args.device, args.dist_timeout_minutes)
     if device.type == "cpu" and keep_freed_cpu_memory():
         print("CPU allocator: glibc malloc keeps freed memory for reuse (no per-step page faults)")
-    config = load_config(args.config, list(args.options) + list(args.overrides))
-    for flag in _FLAGS_OVERRIDING_CONFIG:
-        if getattr(args, flag) is not None:
-            config[flag] = getattr(args, flag)
+    # The flags that set config keys go in as overrides, so their values are checked like the file's.
+    flags = [f"{flag}={getattr(args, flag)}" for flag in _FLAGS_OVERRIDING_CONFIG if getattr(args, flag) is not None]
+    config = load_config(args.config, list(args.options) + list(args.overrides) + flags)
     seed = config["seed"] = value(config, "seed")
     if args.evaluate and not config.get("pretrained") and not args.allow_random_weights:
         # Metrics of random weights look like results; make testing chance level a choice.
@@ -119,10 +174,14 @@ def setup_run(args: argparse.Namespace) -> Run:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     lock_output_dir(output_dir)
+    precision = make_precision(args.mixed_precision_method, device)
+    training_flags = {"accumulation_steps": args.accumulation_steps, "max_grad_norm": args.max_grad_norm}
+    if not args.evaluate:
+        check_resume_fits(args, config, training_settings(precision, training_flags), output_dir)
+    keep_previous_config(config, output_dir)
     save_config(config, output_dir)
     seed_everything(seed_for_rank(seed))
-    precision = make_precision(args.mixed_precision_method, device)
     print(f"precision: {precision.describe()}; world size {get_world_size()}; device {device}")
     # Readers differ in how they resize, so the log says which decode this run's clips.
     print(f"video readers, in the order tried: {', '.join(reader_names())}")
-    return Run(args, config, device, output_dir, precision, seed)
+    return Run(args, config, device, output_dir, precision, seed, training_flags)
