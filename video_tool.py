@@ -7,7 +7,8 @@
     python video_tool.py show VIDEO --out agg.png --config CFG --checkpoint CKPT [--per_block] [--gif] [--scale 4]
 
 `index` and `search` take the config and checkpoint from the index when not given. A
-mistake in the input prints one `error:` line and exits with status 2.
+mistake in the input or a failing environment (a full disk) prints one `error:` line and
+exits with status 1; numbers out of range are refused before any work.
 """
 from __future__ import annotations
 
@@ -15,10 +16,16 @@ import argparse
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 
-from training.errors import UserError, user_message
+from training.errors import UserError, run_cli
+
+# (least, most) of each numeric flag; None: no bound. Beyond a --scale of 32 a 224 px frame is
+# over 7,000 px wide, more memory than a picture is worth. torch seeds are 64-bit.
+NUMBER_RANGES = {"k": (1, None), "rerank": (0, None), "batch_size": (1, None), "num_workers": (0, None),
+                 "scale": (1, 32), "seed": (0, 2**64 - 1)}
+# The model each command needs; `show` pictures the video encoder of any family.
+COMMAND_TASKS = {"index": "retrieval", "search": "retrieval", "ask": "QA", "caption": "pre-training", "show": None}
 
 
 def add_model_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -30,7 +37,7 @@ def add_model_options(parser: argparse.ArgumentParser, required: bool = True) ->
                         help="config overrides, e.g. --options num_frm_test=16")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     index = commands.add_parser("index", help="index (or update the index of) a folder of videos")
@@ -65,27 +72,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     show.add_argument("--gif", action="store_true", help="also an animated GIF")
     show.add_argument("--scale", type=int, default=1, help="enlarge the frames this many times (64 px toy frames: 4)")
     add_model_options(show)
-    return parser.parse_args(argv)
+    return parser
 
 
-def load_model(args, task: str | None = None, manifest: dict | None = None):
-    """The model of --config/--checkpoint, or of the index's manifest where they are not given."""
+def check_numbers(args) -> None:
+    """Every numeric flag within its range (NUMBER_RANGES), before a model is loaded."""
+    for name, (least, most) in NUMBER_RANGES.items():
+        number = getattr(args, name, None)
+        if number is None or (number >= least and (most is None or number <= most)):
+            continue
+        flag = f"-{name}" if len(name) == 1 else f"--{name}"
+        allowed = f"at least {least}" if most is None else f"from {least} to {most}"
+        raise UserError(f"{flag} must be {allowed}, got {number}")
+
+
+def load_model(args, manifest: dict | None = None):
+    """The model the command needs, of --config/--checkpoint, or of the index's manifest where they
+    are not given; a checkpoint of another family is refused before the model is built."""
     from inference.api import VideoLanguageModel
     if manifest is None and not (args.config and args.checkpoint):
         raise UserError(f"{args.command} needs --config and --checkpoint (or an existing --index)")
     config = args.config or manifest["config"]
     checkpoint = args.checkpoint or manifest["checkpoint"]["path"]
-    return VideoLanguageModel.load(config, checkpoint, args.device, args.precision, args.options, task=task)
-
-
-def stored_manifest(index_folder) -> dict | None:
-    path = Path(index_folder) / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return VideoLanguageModel.load(config, checkpoint, args.device, args.precision, args.options,
+                                   task=COMMAND_TASKS[args.command], purpose=args.command)
 
 
 def run_index(args) -> None:
-    from inference.index import update_index
-    model = load_model(args, "retrieval", stored_manifest(args.index))
+    from inference.index import read_manifest, update_index
+    model = load_model(args, read_manifest(args.index))
     summary = update_index(model, args.folder, args.index, args.batch_size, args.num_workers, args.tokens)
     print(f"index {args.index}: {summary.kept + summary.added} videos ({summary.added} encoded, {summary.kept} "
           f"unchanged, {summary.dropped} dropped), {summary.unreadable} unreadable")
@@ -96,7 +111,7 @@ def run_index(args) -> None:
 def run_search(args) -> None:
     from inference.index import VideoIndex
     index = VideoIndex.open(args.index)
-    model = load_model(args, "retrieval", index.manifest)
+    model = load_model(args, index.manifest)
     hits = [hit.as_dict() for hit in model.search(args.query, index, args.k, args.rerank)]
     if args.json:
         print(json.dumps({"query": args.query, "hits": [{"rank": n, **hit} for n, hit in enumerate(hits, 1)]},
@@ -151,7 +166,11 @@ def run_caption(args) -> None:
 
 
 def run_show(args) -> None:
+    from PIL import Image
+
     from inference.aggregation import render_aggregation
+    if Path(args.out).suffix.lower() not in Image.registered_extensions():
+        raise UserError(f"--out {args.out}: not a picture file name; use a .png name")
     model = load_model(args)
     clip = model.load_clip(args.video)
     for path in render_aggregation(model.model.visual_encoder, clip.tensor.to(model.device), clip.frames,
@@ -162,17 +181,15 @@ def run_show(args) -> None:
 COMMANDS = {"index": run_index, "search": run_search, "ask": run_ask, "caption": run_caption, "show": run_show}
 
 
+def run(args) -> None:
+    check_numbers(args)
+    COMMANDS[args.command](args)
+
+
 def main(argv=None) -> None:
-    """Run a subcommand; a user's mistake (bad file, config, checkpoint) is one line and status 2."""
-    args = parse_args(argv)
-    try:
-        COMMANDS[args.command](args)
-    except Exception as error:
-        message = user_message(error)
-        if message is None:
-            raise
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
+    """Run a subcommand; a user's mistake (bad file, config, checkpoint) is one line and status 1."""
+    args = build_parser().parse_args(argv)
+    run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

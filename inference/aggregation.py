@@ -7,7 +7,9 @@ tinted in its colour and the region borders drawn: patches merged within a frame
 region, frames merged in time show the same regions in the same colours.
 """
 import colorsys
+import os
 import pathlib
+import uuid
 
 import numpy as np
 import torch
@@ -119,6 +121,22 @@ def aggregation_image(frames: np.ndarray, source: Tensor, grid: tuple[int, int],
                        for frame, region, color in zip(frames, regions, colors)])
 
 
+def save_whole(image: Image.Image, path: pathlib.Path, **options) -> None:
+    """Save ``image`` under a name of its own next to ``path``, on disk, then rename it over
+    ``path``: a crash, a full disk or a second writer never leaves a half-written picture, and
+    a failed save keeps the previous one."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(temporary, "xb") as handle:
+            image.save(handle, format=Image.registered_extensions()[path.suffix.lower()], **options)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def _check_frames(clip: Tensor, frames: np.ndarray) -> None:
     if clip.dim() != 5 or clip.shape[0] != 1:
         raise ValueError(f"clip must be one video (1, C, T, H, W), got {tuple(clip.shape)}")
@@ -148,16 +166,16 @@ def render_aggregation(encoder, clip: Tensor, frames: np.ndarray, out_path, per_
             _, trace = encoder.eval().forward_with_trace(clip, sources=True, block_sources=per_block or gif)
     finally:
         encoder.train(was_training)
-    aggregation_image(frames, trace.source[0], grid, scale, seed).save(out_path)
+    save_whole(aggregation_image(frames, trace.source[0], grid, scale, seed), out_path)
     written = [out_path]
     block_images = [aggregation_image(frames, source[0], grid, scale, seed)
                     for source in trace.block_sources]
     if per_block:
         for index, image in enumerate(block_images, start=1):
             written.append(out_path.with_name(f"{out_path.stem}_block{index:02d}.png"))
-            image.save(written[-1])
+            save_whole(image, written[-1])
     if gif:
         written.append(out_path.with_name(f"{out_path.stem}_blocks.gif"))
-        block_images[0].save(written[-1], save_all=True, append_images=block_images[1:],
-                             duration=GIF_STEP_MS, loop=0)
+        save_whole(block_images[0], written[-1], save_all=True, append_images=block_images[1:],
+                   duration=GIF_STEP_MS, loop=0)
     return written

@@ -22,32 +22,48 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from configs.keys import value
+from configs.keys import check, value
 from data.datasets import RETRIEVAL_FORMATS, ClipDataset, encoder_layout
 from data.text import pre_caption, pre_question
 from data.video import VideoReadError, read_video, worker_init_fn
 from models import build_pretrain_model, build_qa_model, build_retrieval_model
 from models.checkpoint import (
     CheckpointError,
+    check_recorded_settings,
     checkpoint_family,
     load_checkpoint,
-    read_state_dict,
+    read_checkpoint,
+    state_dict_of,
     task_of,
 )
 from models.testa_retrieval import rerank_scores
-from training.config import load_config
+from training.config import check_values_and_warn, load_config
 from training.errors import UserError
 from training.precision import native_cpu_bf16
 
 BUILDERS = {"retrieval": build_retrieval_model, "QA": build_qa_model, "pre-training": build_pretrain_model}
-# Tasks a checkpoint of each task can be loaded as (docs/checkpoints.md, "Loading rules").
-LOADABLE_AS = {"retrieval": ("retrieval",), "QA": ("QA",), "pre-training": ("pre-training", "retrieval", "QA")}
+# The models a checkpoint of each task gives meaningful results as: a pre-training checkpoint
+# searches zero-shot as a retrieval model. Training may start a QA model from one as well
+# (docs/checkpoints.md, "Loading rules"), but that model has not learnt to answer.
+LOADABLE_AS = {"retrieval": ("retrieval",), "QA": ("QA",), "pre-training": ("pre-training", "retrieval")}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_BATCH_SIZE = 8
 
 
 def choose_device(device=None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The device named (checked to exist here), else CUDA where there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; expected e.g. cpu, cuda or cuda:1") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device}: CUDA is not available on this machine; use cpu")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise UserError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0")
+    return chosen
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -137,20 +153,35 @@ class VideoLanguageModel:
 
     @classmethod
     def load(cls, config, checkpoint, device=None, precision: str = "auto", overrides=(), task: str | None = None,
-             verbose: bool = False) -> VideoLanguageModel:
-        """config: a YAML path or a dict; task: None for the checkpoint's own, or 'retrieval' to
-        search with a pre-training checkpoint (zero-shot), as the loading rules allow."""
-        config = load_config(config, overrides) if isinstance(config, (str, Path)) else dict(config)
-        state_dict = read_state_dict(str(checkpoint))
-        task = task or task_of(state_dict)
-        if task not in LOADABLE_AS.get(task_of(state_dict), ()):
-            raise CheckpointError(f"{checkpoint} is a {checkpoint_family(state_dict)} checkpoint: it cannot be "
-                                  f"used as a {task} model")
+             verbose: bool = False, purpose: str | None = None) -> VideoLanguageModel:
+        """config: a YAML path or a dict; task: the model wanted ('retrieval', 'QA', 'pre-training'),
+        None for the checkpoint's own. A checkpoint that cannot give that model (LOADABLE_AS) is
+        refused before the model is built (one of another family would fail on its config's keys)
+        in a line naming both families and `purpose`, what the model is for (e.g. 'caption')."""
         device = choose_device(device)
+        dtype = autocast_dtype(precision, device)
+        if isinstance(config, (str, Path)):
+            config = load_config(config, overrides)
+        else:  # e.g. the config an index stored: held to the same rules as a file
+            config = dict(config)
+            check(config, "the config")
+            check_values_and_warn(config, lambda name: "the config")
+        stored = read_checkpoint(str(checkpoint))
+        state_dict = state_dict_of(stored, str(checkpoint))
+        own_task = task_of(state_dict)
+        if own_task not in LOADABLE_AS:
+            raise CheckpointError(f"{checkpoint} is no retrieval, QA or pre-training checkpoint (it has neither an "
+                                  "ITM head nor a text decoder)")
+        task = task or own_task
+        if task not in LOADABLE_AS[own_task]:
+            needed = " or ".join(source for source, models in LOADABLE_AS.items() if task in models)
+            raise CheckpointError(f"{purpose or f'a {task} model'} needs a {needed} checkpoint; {checkpoint} is a "
+                                  f"{checkpoint_family(state_dict)} checkpoint")
         model = BUILDERS[task](config)
+        check_recorded_settings(stored, str(checkpoint), model)  # a training checkpoint records its model's
         load_checkpoint(model, state_dict, verbose=verbose)
         model.to(device).eval()
-        return cls(model, config, Path(checkpoint), task, device, autocast_dtype(precision, device))
+        return cls(model, config, Path(checkpoint), task, device, dtype)
 
     def autocast(self):
         return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)

@@ -15,18 +15,26 @@ An index folder holds:
   unreadable ones with their reason, the config, the checkpoint (path, size, mtime_ns,
   sha256), and the config values that change an embedding (frames, sampling, image size,
   the video encoder's keys).
+* `.lock` while a run updates it: one run per index folder (training/run_lock.py, as for
+  the output folders of training), a second one stops with one line naming the first.
 
 A rerun encodes new and changed (size or mtime) files only, drops deleted ones and copies
-the other rows. The data files of a run get a new id and the manifest, written to a
-temporary file and renamed over the old one, is the commit: an interrupted run leaves the
-previous index valid (its stray files are removed by the next run).
+the other rows. The data files of a run get names of their own (a new id) and the manifest,
+written to a temporary file of that run and renamed over the old one, is the commit: a run
+that fails (a full disk) or is interrupted leaves the previous index valid and removes what
+it wrote; a killed run's files are removed by the next run. Data files are written front to
+back with their full size allocated first, never through a memory map: a full disk is one
+error line, not a SIGBUS, and for the tokens it shows before the first video is encoded.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 import uuid
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +42,8 @@ import numpy as np
 import torch
 
 from configs.keys import value
-from training.errors import UserError
+from training.errors import UserError, user_message
+from training.run_lock import acquire_run_lock, release_run_lock
 from utils import ProgressLine
 
 MANIFEST = "manifest.json"
@@ -44,6 +53,13 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 EMBEDDING_KEYS = ("vit", "image_size", "patch_size", "vision_width", "num_heads", "depth", "num_frames",
                   "attention_type", "learnable_temporal_scaling", "token_merging", "merging_type", "testa_r",
                   "prop_attn", "embed_dim", "num_frm_test", "frm_sampling_strategy_test")
+# What a manifest must hold: a damaged or hand-edited one is one line naming the entry, not a KeyError.
+MANIFEST_FIELDS = {"format": int, "root": str, "files": list, "unreadable": list, "checkpoint": dict,
+                   "embedding_config": dict, "config": dict, "with_tokens": bool, "embeddings": str,
+                   "tokens": (str, type(None))}
+FILE_FIELDS = {"path": str, "size": int, "mtime_ns": int}
+UNREADABLE_FIELDS = {**FILE_FIELDS, "reason": str}
+CHECKPOINT_FIELDS = {"path": str, "size": int, "mtime_ns": int, "sha256": str}
 PROGRESS_EVERY_S = 5.0
 COPY_ROWS = 256  # rows of an earlier index copied at a time
 
@@ -94,6 +110,73 @@ def difference(index_folder, stored: dict, current: dict) -> str | None:
     return None
 
 
+def damaged(folder: Path, name: str, problem: str) -> UserError:
+    """The error for an index whose file `name` is unusable: what is wrong and what to do."""
+    return UserError(f"index {folder} is damaged: its {name} {problem}; delete the folder and run "
+                     "video_tool.py index again (with --config and --checkpoint)")
+
+
+def _misfit(record, fields: dict) -> str | None:
+    """What in `record` is missing or of another type than `fields` says, in words; None if nothing."""
+    if not isinstance(record, dict):
+        return f"is {type(record).__name__}, not an object"
+    for key, kind in fields.items():
+        if key not in record:
+            return f"has no {key!r}"
+        if not isinstance(record[key], kind):
+            return f"has a {type(record[key]).__name__} as {key!r}"
+    return None
+
+
+def _manifest_problem(manifest) -> str | None:
+    """What makes a parsed manifest unusable, in words; None for a usable one."""
+    problem = _misfit(manifest, MANIFEST_FIELDS)
+    if problem:
+        return problem
+    problem = _misfit(manifest["checkpoint"], CHECKPOINT_FIELDS)
+    if problem:
+        return f"'checkpoint' {problem}"
+    for key, fields in (("files", FILE_FIELDS), ("unreadable", UNREADABLE_FIELDS)):
+        for number, entry in enumerate(manifest[key]):
+            problem = _misfit(entry, fields)
+            if problem:
+                return f"entry {number} of {key!r} {problem}"
+    for key in ("embeddings", "tokens"):
+        name = manifest[key]
+        if name is not None and Path(name).name != name:
+            return f"{key!r} ({name}) is not a file name"
+    return None
+
+
+def read_manifest(folder) -> dict | None:
+    """The manifest of the index in `folder`, checked; None when there is none. A damaged one is
+    a UserError naming the file, what is wrong and what to do."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise damaged(folder, MANIFEST, f"is not valid JSON ({error})") from None
+    if isinstance(manifest, dict) and isinstance(manifest.get("format"), int) and manifest["format"] != FORMAT_VERSION:
+        raise UserError(f"{folder} holds an index of format {manifest['format']}, not {FORMAT_VERSION}; index the "
+                        "videos again into another --index folder")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise damaged(folder, MANIFEST, problem)
+    return manifest
+
+
+def _load_rows(folder: Path, name: str, mmap: bool) -> np.ndarray:
+    try:
+        return np.load(folder / name, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise damaged(folder, name, f"is missing (named by {MANIFEST})") from None
+    except (ValueError, EOFError) as error:  # truncated, or no .npy file
+        raise damaged(folder, name, f"is unreadable ({error})") from None
+
+
 class VideoIndex:
     """An index folder opened for search: `paths`, `embeddings` and, if stored, tokens."""
 
@@ -102,20 +185,22 @@ class VideoIndex:
         self.root = Path(manifest["root"])
         self.files = manifest["files"]
         self.paths = [str(self.root / entry["path"]) for entry in self.files]
-        self.embeddings = np.load(folder / manifest["embeddings"])
-        self.tokens = np.load(folder / manifest["tokens"], mmap_mode="r") if manifest.get("tokens") else None
+        self.embeddings = _load_rows(folder, manifest["embeddings"], mmap=False)
+        expected = (len(self.files), manifest["embedding_config"].get("embed_dim"))
+        if self.embeddings.shape != expected:
+            raise damaged(folder, manifest["embeddings"], f"holds {self.embeddings.shape} values, the manifest "
+                                                          f"needs {expected}")
+        self.tokens = _load_rows(folder, manifest["tokens"], mmap=True) if manifest["tokens"] else None
+        if self.tokens is not None and (self.tokens.ndim != 3 or len(self.tokens) < len(self.files)):
+            raise damaged(folder, manifest["tokens"], f"holds {self.tokens.shape} values, the manifest needs "
+                                                      f"{len(self.files)} rows of tokens")
 
     @classmethod
     def open(cls, folder) -> VideoIndex:
         folder = Path(folder)
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise UserError(f"no index in {folder} (it has no {MANIFEST}); make one with video_tool.py index") from None
-        except json.JSONDecodeError as error:
-            raise UserError(f"{folder / MANIFEST} is not valid JSON: {error}") from None
-        if manifest.get("format") != FORMAT_VERSION:
-            raise UserError(f"{folder} holds an index of format {manifest.get('format')}, not {FORMAT_VERSION}")
+        manifest = read_manifest(folder)
+        if manifest is None:
+            raise UserError(f"no index in {folder} (it has no {MANIFEST}); make one with video_tool.py index")
         return cls(folder, manifest)
 
     def check_model(self, model) -> None:
@@ -137,54 +222,15 @@ class UpdateSummary:
     unreadable: int  # every unreadable file listed in the manifest
 
 
-class IndexWriter:
-    """The data files of one new index generation, committed by writing the manifest."""
-
-    def __init__(self, folder: Path, capacity: int):
-        self.folder, self.capacity = folder, capacity
-        self.id = uuid.uuid4().hex[:12]
-        self.embeddings, self.files, self.tokens = [], [], None
-
-    def add(self, files: list[dict], embeddings: np.ndarray, tokens=None) -> None:
-        if tokens is not None:
-            if self.tokens is None:
-                self.tokens = np.lib.format.open_memmap(self._temporary(f"tokens-{self.id}.npy"), mode="w+",
-                                                        dtype=np.float16, shape=(self.capacity, *tokens.shape[1:]))
-            self.tokens[len(self.files):len(self.files) + len(files)] = tokens
-        self.files += files
-        self.embeddings.append(np.asarray(embeddings, dtype=np.float32))
-
-    def _temporary(self, name: str) -> Path:
-        return self.folder / f".{name}.tmp"
-
-    def _finish(self, name: str) -> str:
-        os.replace(self._temporary(name), self.folder / name)
-        return name
-
-    def commit(self, manifest: dict) -> None:
-        embeddings_name = f"embeddings-{self.id}.npy"
-        with open(self._temporary(embeddings_name), "wb") as handle:  # a path would get ".npy" appended
-            np.save(handle, np.concatenate(self.embeddings), allow_pickle=False)
-            _sync(handle)
-        manifest["embeddings"] = self._finish(embeddings_name)
-        manifest["tokens"] = None
-        if self.tokens is not None:
-            self.tokens.flush()
-            self.tokens = None
-            manifest["tokens"] = self._finish(f"tokens-{self.id}.npy")
-        manifest["files"] = self.files
-        with open(self.folder / f".{MANIFEST}.tmp", "w") as handle:
-            handle.write(json.dumps(manifest, indent=1))
-            _sync(handle)
-        os.replace(self.folder / f".{MANIFEST}.tmp", self.folder / MANIFEST)
-        self._remove_stale(manifest)
-
-    def _remove_stale(self, manifest: dict) -> None:
-        """Data files of earlier generations and leftovers of interrupted runs."""
-        current = {manifest["embeddings"], manifest["tokens"], MANIFEST}
-        for path in self.folder.iterdir():
-            if path.name not in current and path.name.lstrip(".").startswith(("embeddings-", "tokens-", MANIFEST)):
-                path.unlink(missing_ok=True)
+@contextmanager
+def _naming(path: Path):
+    """A failed write or allocation raises an OSError without the file's name; the message needs it."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error
 
 
 def _sync(handle) -> None:
@@ -193,20 +239,127 @@ def _sync(handle) -> None:
     os.fsync(handle.fileno())
 
 
-def _previous(index_folder: Path, video_folder: Path, current: dict, with_tokens: bool) -> VideoIndex | None:
-    """The index already in `index_folder`, checked to fit this run; None when there is none."""
-    if not (index_folder / MANIFEST).is_file():
-        return None
-    previous = VideoIndex.open(index_folder)
-    problem = difference(index_folder, previous.manifest, current)
+def _reserve(handle, size: int) -> None:
+    """Allocate the file's `size` bytes now: a disk too small fails here, with ENOSPC, instead of
+    in a write after hours of encoding."""
+    allocate = getattr(os, "posix_fallocate", None)  # macOS has none
+    if allocate is None:
+        return
+    try:
+        allocate(handle.fileno(), 0, size)
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: the writes tell
+            raise
+
+
+class NpyFile:
+    """A new .npy array of a known shape, written front to back through an ordinary file:
+    writing into a memory map on a full disk kills the process with SIGBUS instead of raising.
+    A file that fails as it is created is removed."""
+
+    def __init__(self, path: Path, dtype, shape: tuple):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self.handle = open(path, "xb")
+        try:
+            with _naming(path):
+                np.lib.format.write_array_header_1_0(self.handle, {
+                    "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape})
+                self.size = self.handle.tell() + math.prod(shape) * self.dtype.itemsize
+                self.handle.flush()
+                _reserve(self.handle, self.size)
+        except BaseException:
+            self.discard()
+            raise
+
+    def append(self, rows) -> None:
+        with _naming(self.path):
+            self.handle.write(np.ascontiguousarray(rows, dtype=self.dtype).data)
+
+    def close(self) -> None:
+        """Rows never written read as zeros; the data is on disk before a manifest names the file."""
+        with _naming(self.path):
+            self.handle.truncate(self.size)
+            _sync(self.handle)
+            self.handle.close()
+
+    def discard(self) -> None:
+        """Close (if open) and remove the file."""
+        with suppress(OSError):  # closing flushes, and the disk may be full
+            self.handle.close()
+        self.path.unlink(missing_ok=True)
+
+
+class IndexWriter:
+    """The data files of one new index generation under this run's own names, committed by
+    replacing the manifest. A context: leaving it uncommitted removes every file it wrote."""
+
+    def __init__(self, folder: Path, capacity: int):
+        self.folder, self.capacity = folder, capacity
+        self.id = uuid.uuid4().hex[:12]
+        self.embeddings, self.files, self.tokens = [], [], None
+        self.data_files: list[NpyFile] = []
+        self.manifest_temporary = folder / f".{MANIFEST}.{self.id}.tmp"
+        self.committed = False
+
+    def __enter__(self) -> IndexWriter:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        if not self.committed:
+            for data_file in self.data_files:
+                data_file.discard()
+            self.manifest_temporary.unlink(missing_ok=True)
+
+    def _new_file(self, kind: str, dtype, shape: tuple) -> NpyFile:
+        self.data_files.append(NpyFile(self.folder / f"{kind}-{self.id}.npy", dtype, shape))
+        return self.data_files[-1]
+
+    def add(self, files: list[dict], embeddings: np.ndarray, tokens=None) -> None:
+        if tokens is not None:
+            if self.tokens is None:
+                self.tokens = self._new_file("tokens", np.float16, (self.capacity, *tokens.shape[1:]))
+            self.tokens.append(tokens)
+        self.files += files
+        self.embeddings.append(np.asarray(embeddings, dtype=np.float32))
+
+    def commit(self, manifest: dict) -> None:
+        embeddings = np.concatenate(self.embeddings)
+        embeddings_file = self._new_file("embeddings", np.float32, embeddings.shape)
+        embeddings_file.append(embeddings)
+        embeddings_file.close()
+        manifest["embeddings"] = embeddings_file.path.name
+        manifest["tokens"] = None
+        if self.tokens is not None:
+            self.tokens.close()
+            manifest["tokens"] = self.tokens.path.name
+        manifest["files"] = self.files
+        with _naming(self.manifest_temporary), open(self.manifest_temporary, "x") as handle:
+            handle.write(json.dumps(manifest, indent=1))
+            _sync(handle)
+        os.replace(self.manifest_temporary, self.folder / MANIFEST)
+        self.committed = True
+        self._remove_stale(manifest)
+
+    def _remove_stale(self, manifest: dict) -> None:
+        """Data files of earlier generations and leftovers of killed runs (the lock rules out a live one)."""
+        current = {manifest["embeddings"], manifest["tokens"], MANIFEST}
+        for path in self.folder.iterdir():
+            if path.name not in current and path.name.lstrip(".").startswith(("embeddings-", "tokens-", MANIFEST)):
+                path.unlink(missing_ok=True)
+
+
+def _check_fits(previous: VideoIndex | None, video_folder: Path, current: dict, with_tokens: bool) -> None:
+    """That the index already in the folder (if any) can be updated by this run."""
+    if previous is None:
+        return
+    problem = difference(previous.folder, previous.manifest, current)
     if problem is None and Path(previous.manifest["root"]) != video_folder:
-        problem = f"index {index_folder} covers {previous.manifest['root']}, not {video_folder}"
+        problem = f"index {previous.folder} covers {previous.manifest['root']}, not {video_folder}"
     if problem is None and previous.manifest["with_tokens"] != with_tokens:
         state = "with" if previous.manifest["with_tokens"] else "without"
-        problem = f"index {index_folder} was made {state} --tokens; use another --index folder"
+        problem = f"index {previous.folder} was made {state} --tokens; use another --index folder"
     if problem:
         raise UserError(problem)
-    return previous
 
 
 def update_index(model, video_folder, index_folder, batch_size: int | None = None, num_workers: int | None = None,
@@ -214,10 +367,19 @@ def update_index(model, video_folder, index_folder, batch_size: int | None = Non
     """Make or update the index of `video_folder` in `index_folder` (see the module docstring)."""
     video_folder, index_folder = Path(video_folder).resolve(), Path(index_folder)
     index_folder.mkdir(parents=True, exist_ok=True)
-    known = json.loads((index_folder / MANIFEST).read_text())["checkpoint"] if (index_folder / MANIFEST).is_file() \
-        else None
-    current = fingerprint(model, known)
-    previous = _previous(index_folder, video_folder, current, with_tokens)
+    lock = acquire_run_lock(index_folder, what="index folder", flag="--index")
+    try:
+        return _update_locked(model, video_folder, index_folder, batch_size, num_workers, with_tokens)
+    finally:
+        release_run_lock(lock)
+
+
+def _update_locked(model, video_folder: Path, index_folder: Path, batch_size, num_workers,
+                   with_tokens: bool) -> UpdateSummary:
+    stored = read_manifest(index_folder)
+    previous = VideoIndex(index_folder, stored) if stored else None
+    current = fingerprint(model, stored["checkpoint"] if stored else None)
+    _check_fits(previous, video_folder, current, with_tokens)
     found = scan_videos(video_folder)
     old_rows = {entry["path"]: row for row, entry in enumerate(previous.files)} if previous else {}
     old_unreadable = {entry["path"]: entry for entry in previous.manifest["unreadable"]} if previous else {}
@@ -231,21 +393,30 @@ def update_index(model, video_folder, index_folder, batch_size: int | None = Non
     done = {previous.files[row]["path"] for row in kept} | {entry["path"] for entry in unreadable}
     to_encode = [path for path in found if path not in done]
     writer = IndexWriter(index_folder, len(kept) + len(to_encode))
-    for start in range(0, len(kept), COPY_ROWS):  # in chunks: the tokens of all rows may not fit in memory
-        rows = kept[start:start + COPY_ROWS]
-        writer.add([previous.files[row] for row in rows], previous.embeddings[rows],
-                   previous.tokens[rows] if with_tokens else None)
-    failed = _encode_new(model, writer, video_folder, to_encode, found, batch_size, num_workers, with_tokens)
-    unreadable += [{"path": path, **found[path], "reason": reason} for path, reason in failed.items()]
-    manifest = {"format": FORMAT_VERSION, "root": str(video_folder), **current, "config": model.config,
-                "with_tokens": with_tokens,
-                "precision": str(model.dtype or "fp32").replace("torch.", ""),
-                "num_frames": value(model.config, "num_frm_test"),
-                "sampling": value(model.config, "frm_sampling_strategy_test"),
-                "unreadable": sorted(unreadable, key=lambda entry: entry["path"])}
-    if not kept and not writer.files:  # nothing readable: an empty but valid index
-        writer.add([], np.zeros((0, value(model.config, "embed_dim")), np.float32))
-    writer.commit(manifest)
+    try:
+        with writer:
+            for start in range(0, len(kept), COPY_ROWS):  # in chunks: the tokens of all rows may not fit in memory
+                rows = kept[start:start + COPY_ROWS]
+                writer.add([previous.files[row] for row in rows], previous.embeddings[rows],
+                           previous.tokens[rows] if with_tokens else None)
+            failed = _encode_new(model, writer, video_folder, to_encode, found, batch_size, num_workers,
+                                 with_tokens)
+            unreadable += [{"path": path, **found[path], "reason": reason} for path, reason in failed.items()]
+            manifest = {"format": FORMAT_VERSION, "root": str(video_folder), **current, "config": model.config,
+                        "with_tokens": with_tokens,
+                        "precision": str(model.dtype or "fp32").replace("torch.", ""),
+                        "num_frames": value(model.config, "num_frm_test"),
+                        "sampling": value(model.config, "frm_sampling_strategy_test"),
+                        "unreadable": sorted(unreadable, key=lambda entry: entry["path"])}
+            if not kept and not writer.files:  # nothing readable: an empty but valid index
+                writer.add([], np.zeros((0, value(model.config, "embed_dim")), np.float32))
+            writer.commit(manifest)
+    except OSError as error:
+        message = user_message(error)  # a full disk, a read-only folder: one line, not a bug
+        if message is None or writer.committed:
+            raise
+        kept_state = "the previous index is unchanged" if previous else "no index was written"
+        raise UserError(f"index {index_folder} not updated ({kept_state}): {message}") from error
     dropped = sum(path not in found for path in [*old_rows, *old_unreadable])
     return UpdateSummary(len(kept), len(writer.files) - len(kept), dropped, failed, len(unreadable))
 

@@ -31,7 +31,7 @@ def run(argv, capsys):
 def fail(argv, capsys) -> str:
     with pytest.raises(SystemExit) as stopped:
         video_tool.main([str(arg) for arg in argv])
-    assert stopped.value.code == 2
+    assert stopped.value.code == 1
     error = capsys.readouterr().err
     assert error.startswith("error: ") and error.count("\n") == 1
     return error
@@ -94,12 +94,14 @@ def test_interrupted_update_leaves_the_previous_index(toy, folder, tmp_path, cap
         raise KeyboardInterrupt
 
     monkeypatch.setattr(inference.index.ProgressLine, "update", interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:  # run_cli: Ctrl-C is one line and status 130
         video_tool.main(["index", str(folder), "--index", str(index), "--tokens", "--num_workers", "0"])
+    assert stopped.value.code == 130
     assert (index / "manifest.json").read_text() == before
     monkeypatch.undo()
     assert "rank" in run(["search", "--index", index, "a red circle moves left", "-k", "2"], capsys)
-    assert any(path.name.startswith(".tokens-") for path in index.iterdir())  # the interrupted run's
+    previous = json.loads(before)  # the interrupted run removed its own files and released the lock
+    assert {path.name for path in index.iterdir()} == {"manifest.json", previous["embeddings"], previous["tokens"]}
     out = run(["index", folder, "--index", index, "--tokens", "--num_workers", "0"], capsys)
     assert "(1 encoded" in out
     manifest = json.loads((index / "manifest.json").read_text())

@@ -54,8 +54,9 @@ def release_run_lock(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def acquire_run_lock(output_dir) -> Path:
-    """Take output_dir/.lock for this process (removed at exit), or raise UserError naming its owner."""
+def acquire_run_lock(output_dir, what: str = "output folder", flag: str = "--output_dir") -> Path:
+    """Take output_dir/.lock for this process (removed at exit), or raise UserError naming its
+    owner; `what` and `flag` name the folder and the option that chose it in that message."""
     path = Path(output_dir) / LOCK_NAME
     owner = _owner()
     for _ in range(2):  # a second try after removing a stale lock
@@ -73,5 +74,5 @@ def acquire_run_lock(output_dir) -> Path:
             continue
         break
     who = f"host {held.get('host', '?')}, pid {held.get('pid', '?')}, started {held.get('started', '?')}"
-    raise UserError(f"output folder {output_dir} is in use by another run ({who}); wait for it to end "
-                    f"or choose another --output_dir (if that run is gone, delete {path})")
+    raise UserError(f"{what} {output_dir} is in use by another run ({who}); wait for it to end "
+                    f"or choose another {flag} (if that run is gone, delete {path})")
