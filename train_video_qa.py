@@ -7,6 +7,7 @@ as the original); `generate` decodes freely. `--evaluate` only tests `pretrained
 Predictions go to output_dir/result/<split>_<tag>.json as [{question_id, answer}].
 """
 import json
+import sys
 
 from configs.keys import value
 from data import create_split_loaders, vqa_collate_fn
@@ -21,6 +22,16 @@ from training.errors import run_cli
 from training.fit import fit, report_test
 from training.logging import print_model_summary
 from training.objectives import qa_losses
+
+
+def warn_about_uncovered_answers(dataset, split: str) -> None:
+    """A candidate list without a question's true answer caps the accuracy: say so before it is measured."""
+    uncovered = dataset.uncovered_questions()
+    if uncovered:
+        print(f"warning: {len(uncovered)} of {len(dataset.question_ids)} {split} questions have a true answer "
+              f"outside the {len(dataset.answer_list)} candidates (answer_candidates: {dataset.candidate_rule}): "
+              f"rank inference cannot answer them, so accuracy is at most {dataset.candidate_coverage():.1f}%",
+              file=sys.stderr)
 
 
 def main():
@@ -51,6 +62,9 @@ def main():
             metrics.update(num_candidates=len(dataset.answer_list), candidates_cover=dataset.candidate_coverage())
         return metrics
 
+    if inference == "rank":
+        for split in splits[-1:] if args.evaluate else splits[1:]:
+            warn_about_uncovered_answers(datasets[split], split)
     candidates = {"answer_candidates": datasets["test"].candidate_rule} if inference == "rank" else {}
     protocol = evaluation_protocol(config, config.get("pretrained"), inference=inference, **candidates)
     if args.evaluate:

@@ -49,7 +49,7 @@ def reader_rows(clip_sets, readers, frame_counts, repeats):
             for strategy, size in (("uniform", EVAL_SIZE), ("rand", TRAIN_SIZE)):
                 rng = random.Random(0)
                 passes = {(reader, resize): lambda reader=reader, at=at: [video.resize_frames(
-                              video.READERS[reader](str(path), frames, strategy, rng, None, None, at), size)
+                              video.READERS[reader](str(path), frames, strategy, rng, None, None, at)[0], size)
                               for path in paths]
                           for reader in readers for resize, at in (("at size", size), ("then resize", None))}
                 timings = common.time_interleaved(passes, torch.device("cpu"), runs=repeats, warmup=1)

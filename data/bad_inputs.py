@@ -57,7 +57,11 @@ def _handle_sigterm():
 
 
 class BadInputLog:
-    def __init__(self):
+    """Occurrences of one kind of bad input: `line` (with {path} and {reason}) is printed once per
+    file; count() and paths() read what every worker recorded."""
+
+    def __init__(self, line="[data] unreadable input {path}: {reason}"):
+        self.line = line
         remove_stale_folders()
         self.folder = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}_")
         self._counter = os.path.join(self.folder, "count")
@@ -83,7 +87,7 @@ class BadInputLog:
             os.close(fd)
         # Not print(): the distributed set-up silences it on every rank but 0, and each rank
         # reads its own files.
-        sys.stderr.write(f"[data] unreadable input {path}: {reason}\n")
+        sys.stderr.write(self.line.format(path=path, reason=reason) + "\n")
         sys.stderr.flush()
 
     def count(self):

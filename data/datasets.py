@@ -1,6 +1,7 @@
 """Datasets: pre-training (videos and images mixed), paragraph-to-video retrieval (train
 and evaluation views over four annotation formats) and ActivityNet-QA. All share
 ClipDataset: clip reading, transforms and the bad-input policy."""
+import os
 import random
 from collections import Counter, defaultdict
 from functools import partial
@@ -19,7 +20,7 @@ from .bad_inputs import BadInputLog
 from .errors import DataError
 from .text import pre_caption, pre_question
 from .transforms import EvalTransform, ImageTrainTransform, VideoTrainTransform
-from .video import STRATEGIES, VideoReadError, read_video
+from .video import STRATEGIES, VideoReadError, read_clip
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".flv", ".mkv", ".webm")
 
@@ -31,6 +32,14 @@ def config_value(config, key, dataset):
 def encoder_layout(clip: torch.Tensor) -> torch.Tensor:
     """(T, C, H, W) frames as the video encoder takes a clip, (C, T, H, W); batches are then (B, C, T, H, W)."""
     return clip.transpose(0, 1)
+
+
+def outside_root(path, root) -> bool:
+    """Whether `path` leaves `root` by its name alone: `..` parts that climb out, or an absolute
+    name (which joining to root keeps as it is). Symbolic links inside root are the user's own
+    and are not followed."""
+    root = os.path.abspath(root)
+    return os.path.commonpath([root, os.path.abspath(path)]) != root
 
 
 def drop_missing(items, path_of, dataset, split, video_root):
@@ -58,7 +67,9 @@ class ClipDataset(Dataset):
     random other one, at most `max_tries` times in a row. Evaluation: it raises with the
     path, unless `substitute_black_on_error` (the config key, or the option of the same
     name), which substitutes a black clip and counts it.
-    `bad_inputs.count()` / `.reset()` read the count over all worker processes.
+    `bad_inputs.count()` / `.reset()` read the count over all worker processes. A clip with
+    fewer frames than sampled is used with its frames repeated, as the original's sampling
+    does: one `warning:` line per file, and `short_clips` counts them like `bad_inputs`.
 
     Training randomness (frame sampling, crops, augmentation, replacement picks) of item i
     comes from a generator seeded with (seed, epoch, rank, i) alone, so an item is the same
@@ -72,6 +83,7 @@ class ClipDataset(Dataset):
         self.name, self.train, self.augment, self.max_tries = name, train, augment, max_tries
         # Optional for pre-training, whose annotation files may hold absolute paths.
         self.video_root = Path(config.get("video_root") or "")
+        self.allow_outside_video_root = value(config, "allow_paths_outside_video_root")
         self.image_size = config_value(config, "image_size", name)
         self.num_frm = config_value(config, "num_frm_train" if train else "num_frm_test", name)
         self.max_words = value(config, "caption_max_words")
@@ -90,8 +102,23 @@ class ClipDataset(Dataset):
             substitute_black_on_error = value(config, "substitute_black_on_error")
         self.substitute_black_on_error = substitute_black_on_error
         self.bad_inputs = BadInputLog()
+        self.short_clips = BadInputLog("warning: {path} has fewer frames than sampled ({reason}): its frames repeat")
         self.epoch = 0
         self.set_seed(value(config, "seed"), dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
+
+    def refuse_paths_outside_video_root(self, paths, split, allow_absolute=False):
+        """Annotations may only name files under video_root (an annotation file from elsewhere
+        must not make the run read arbitrary files), unless allow_paths_outside_video_root;
+        `allow_absolute` keeps pre-training's documented absolute paths."""
+        if self.allow_outside_video_root:
+            return
+        outside = [path for path in paths
+                   if outside_root(path, self.video_root) and not (allow_absolute and Path(path).is_absolute()
+                                                                   and ".." not in Path(path).parts)]
+        if outside:
+            raise DataError(f"{self.name} {split} split: {len(outside)} of {len(paths)} annotation paths lie outside "
+                            f"video_root {os.path.abspath(self.video_root)}, e.g. {outside[0]}; set "
+                            "allow_paths_outside_video_root: true to read them")
 
     def set_seed(self, seed, rank=0):
         self.seed, self.rank = seed, rank
@@ -108,7 +135,7 @@ class ClipDataset(Dataset):
     def load_video(self, path, rng=None, name=None):
         """The clip of a video file, or of its bytes (`name` then says which video it is)."""
         try:
-            clip = read_video(path, self.num_frm, self.strategy, self.decode_size, rng, name=name)
+            sampled = read_clip(path, self.num_frm, self.strategy, self.decode_size, rng, name=name)
         except VideoReadError as err:
             if not (self.train or self.substitute_black_on_error):
                 raise  # evaluation never substitutes silently
@@ -116,6 +143,11 @@ class ClipDataset(Dataset):
             if self.train:
                 raise  # __getitem__ replaces the item
             clip = torch.zeros(self.num_frm, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        else:
+            clip = sampled.frames
+            if sampled.repeats_frames:  # used as it is, as the original did: said once per file, counted
+                self.short_clips.record(name or path, f"only {len(set(sampled.indices))} distinct of the "
+                                                      f"{self.num_frm} frames sampled")
         return encoder_layout(self.transform(clip, rng or random) if self.augment else self.transform(clip))
 
     def load_image(self, source, rng=None, name=None):
@@ -160,6 +192,7 @@ class PretrainDataset(ClipDataset):
             entries = read_json(path, f"{name} train_file")
             with layout_of(path, 'a list of {"path", "caption"} objects'):
                 items += [(self.video_root / e["path"], e["caption"]) for e in entries]
+        self.refuse_paths_outside_video_root([path for path, _ in items], split, allow_absolute=True)
         self.items = drop_missing(items, lambda item: item[0], name, split, self.video_root)
 
     def __len__(self):
@@ -190,8 +223,9 @@ class RetrievalTrainDataset(ClipDataset):
 
     def __init__(self, config, name, pairs, clean_caption, **options):
         super().__init__(config, name, train=True, augment=value(config, "finetune_augmentation"), **options)
-        pairs = drop_missing([(self.video_root / video, text) for video, text in pairs], lambda p: p[0], name,
-                             "train", self.video_root)
+        pairs = [(self.video_root / video, text) for video, text in pairs]
+        self.refuse_paths_outside_video_root([path for path, _ in pairs], "train")
+        pairs = drop_missing(pairs, lambda p: p[0], name, "train", self.video_root)
         video_index = {}
         self.items = [(video, clean_caption(text, self.max_words), video_index.setdefault(video, len(video_index)))
                       for video, text in pairs]
@@ -210,8 +244,9 @@ class RetrievalEvalDataset(ClipDataset):
 
     def __init__(self, config, name, pairs, clean_caption, split="test", **options):
         super().__init__(config, name, train=False, **options)
-        pairs = drop_missing([(self.video_root / video, text) for video, text in pairs], lambda p: p[0], name,
-                             split, self.video_root)
+        pairs = [(self.video_root / video, text) for video, text in pairs]
+        self.refuse_paths_outside_video_root([path for path, _ in pairs], split)
+        pairs = drop_missing(pairs, lambda p: p[0], name, split, self.video_root)
         pairs = first_line_per_video(pairs, name, split)
         self.video = [video for video, _ in pairs]
         self.text = [clean_caption(text, self.max_words) for _, text in pairs]
@@ -271,6 +306,7 @@ class VideoQADataset(ClipDataset):
         if split == "val":
             questions = every_nth_after_shuffle(questions, value(config, "val_question_every"), value(config, "seed"))
         with layout_of(ann_root / f"{split}_q.json", 'a list of {"question_id", "video_name", "question"} objects'):
+            self.refuse_paths_outside_video_root([self.video_root / f"v_{q['video_name']}" for q in questions], split)
             items = [(self.video_path(q["video_name"]), pre_question(q["question"]), q["question_id"],
                       answers[q["question_id"]]) for q in questions]
         self.items = drop_missing(items, lambda item: item[0], name, split, self.video_root)
@@ -307,8 +343,12 @@ class VideoQADataset(ClipDataset):
     def candidate_coverage(self):
         """Percent of this split's questions whose true answer is a candidate: the accuracy `rank`
         inference can reach at most."""
+        return 100.0 * (1 - len(self.uncovered_questions()) / len(self.question_ids))
+
+    def uncovered_questions(self):
+        """The questions whose true answer is not a candidate: `rank` inference gets them wrong."""
         listed = set(self.answer_list)
-        return 100.0 * sum(self.answers[qid] in listed for qid in self.question_ids) / len(self.question_ids)
+        return [qid for qid in self.question_ids if self.answers[qid] not in listed]
 
     def __len__(self):
         return len(self.items)

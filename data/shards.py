@@ -50,6 +50,15 @@ def is_local(url):
     return not _URL_SCHEME.match(url)
 
 
+def warn_about_shell_commands(urls):
+    """`pipe:` shards run a shell command each (webdataset's way to stream from anywhere): a config
+    from elsewhere can run any command this way, so say which ones will run."""
+    commands = [url[len("pipe:"):].strip() for url in urls if url.startswith("pipe:")]
+    if commands:
+        more = f" (and {len(commands) - 1} more like it)" if len(commands) > 1 else ""
+        sys.stderr.write(f"warning: train_shards runs shell commands to read its shards: {commands[0]}{more}\n")
+
+
 def check_local_shards(urls):
     missing = [url for url in urls if is_local(url) and not Path(url).is_file()]
     if missing:
@@ -122,6 +131,8 @@ class ShardedPretrainDataset(ClipDataset, IterableDataset):
         self.batch_size = value(config, "batch_size", f"dataset {name!r}")
         self.urls = expand_shards(value(config, "train_shards"))
         check_local_shards(self.urls)
+        if self.rank == 0:
+            warn_about_shell_commands(self.urls)
         self.sizes = shard_sizes(config, self.urls)
         total = round(sum(self.sizes))
         self.steps = total // (self.world_size * self.batch_size)

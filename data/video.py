@@ -9,6 +9,7 @@ import io
 import os
 import random
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -137,7 +138,7 @@ def _decord_read(source, num_frm, strategy, rng, start, end, size=None):
     kwargs = {"width": size, "height": size} if size else {}
     reader = decord.VideoReader(source, num_threads=_decode_threads, **kwargs)
     indices = sample_frame_indices(len(reader), num_frm, strategy, rng, start, end, reader.get_avg_fps())
-    return torch.from_numpy(reader.get_batch(indices).asnumpy())
+    return torch.from_numpy(reader.get_batch(indices).asnumpy()), indices
 
 
 def _torchcodec_read(source, num_frm, strategy, rng, start, end, size=None):
@@ -152,7 +153,7 @@ def _torchcodec_read(source, num_frm, strategy, rng, start, end, size=None):
     if listed and present < listed:  # the scan stops where a truncated file ends: reject it as the others do
         raise EOFError(f"the file holds {present} of the {listed} frames its header lists")
     indices = sample_frame_indices(metadata.num_frames, num_frm, strategy, rng, start, end, metadata.average_fps)
-    return decoder.get_frames_at(indices).data
+    return decoder.get_frames_at(indices).data, indices
 
 
 def _pyav_read(source, num_frm, strategy, rng, start, end, size=None):
@@ -180,11 +181,11 @@ def _pyav_read(source, num_frm, strategy, rng, start, end, size=None):
     missing = wanted.difference(decoded)
     if missing:
         raise EOFError(f"stream ended before frame {min(missing)} of {vlen} listed frames")
-    return torch.from_numpy(np.stack([decoded[i] for i in indices]))
+    return torch.from_numpy(np.stack([decoded[i] for i in indices])), indices
 
 
 # Each reader: (file path or file object, num_frm, strategy, rng, start, end, size=None) ->
-# uint8 frames (T, H, W, C); `size` resizes in the decoder. At full size the three return the
+# (uint8 frames (T, H, W, C), the frame indices); `size` resizes in the decoder. At full size the three return the
 # same pixels; resized, decord's scaler differs from read_video's (tests/test_readers.py).
 READERS = {"torchcodec": _torchcodec_read, "decord": _decord_read, "pyav": _pyav_read}
 # The order read_video tries them in: decord first, resizing in its decoder as the original did,
@@ -238,10 +239,27 @@ def resize_frames(frames, size):
     return clip.contiguous()
 
 
+class SampledClip(NamedTuple):
+    frames: torch.Tensor  # uint8 (T, C, H, W)
+    indices: list  # the frame indices sampled
+
+    @property
+    def repeats_frames(self) -> bool:
+        """A clip with fewer frames than sampled (in its range) gives some frames twice."""
+        return len(set(self.indices)) < len(self.indices)
+
+
 def read_video(path, num_frm, strategy="uniform", size=None, rng=None, start=None, end=None, backend=None,
                name=None):
     """Decode `num_frm` sampled frames of `path` as uint8 (T, C, H, W), resized to size x size
-    when `size` is set.
+    when `size` is set (read_clip's frames)."""
+    return read_clip(path, num_frm, strategy, size, rng, start, end, backend, name).frames
+
+
+def read_clip(path, num_frm, strategy="uniform", size=None, rng=None, start=None, end=None, backend=None,
+              name=None) -> SampledClip:
+    """Decode `num_frm` sampled frames of `path` as uint8 (T, C, H, W), resized to size x size
+    when `size` is set, with the frame indices they are.
 
     path: a file path, or the encoded file's bytes (a video read from a tar shard); `name`
     then says which video it is in errors. backend: None tries the readers in READ_ORDER, a
@@ -257,10 +275,10 @@ def read_video(path, num_frm, strategy="uniform", size=None, rng=None, start=Non
         # A fresh stream per reader: a failed attempt may have read part of it.
         source = io.BytesIO(path) if in_memory else (path if hasattr(path, "read") else str(path))
         try:
-            frames = READERS[reader](source, num_frm, strategy, rng, start, end,
-                                     size if reader in RESIZES_IN_DECODER else None)
+            frames, indices = READERS[reader](source, num_frm, strategy, rng, start, end,
+                                              size if reader in RESIZES_IN_DECODER else None)
         except Exception as err:  # decoders raise many types (DECORDError, av.error.*, OSError, ...)
             failures.append(f"{reader}: {type(err).__name__}: {err}")
             continue
-        return resize_frames(frames, size)
+        return SampledClip(resize_frames(frames, size), list(indices))
     raise VideoReadError(name or ("<video bytes>" if in_memory else path), "; ".join(failures))

@@ -128,3 +128,40 @@ def test_reader_benchmark_runs_at_a_tiny_size(tmp_path):
         for resize in ("at size", "then resize")}
     assert all(ms["wall_ms"] > 0 for ms in payload["stages_ms"].values())
     assert set(payload["ops_ms"]) == set(AUGMENT_OPS)
+
+
+@pytest.fixture(scope="module")
+def files_readers_disagree_on(tmp_path_factory):
+    """A clip with a display-matrix rotation (decord applies it, PyAV does not) and a 10-bit clip
+    (the readers' conversions to 8 bits differ slightly), both 96x64."""
+    import imageio_ffmpeg
+    folder = tmp_path_factory.mktemp("disagree")
+    ffmpeg = [imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error"]
+    source = ["-f", "lavfi", "-i", "testsrc=size=96x64:rate=10", "-t", "2", "-c:v", "libx264"]
+    subprocess.run(ffmpeg + source + ["-pix_fmt", "yuv420p10le", str(folder / "ten_bit.mp4")], check=True)
+    subprocess.run(ffmpeg + source + ["-pix_fmt", "yuv420p", str(folder / "plain.mp4")], check=True)
+    subprocess.run(ffmpeg + ["-display_rotation", "90", "-i", str(folder / "plain.mp4"), "-c", "copy",
+                             str(folder / "rotated.mp4")], check=True)
+    return folder
+
+
+@pytest.mark.skipif("decord" not in READERS or "pyav" not in READERS, reason="needs decord and PyAV")
+def test_training_and_evaluation_read_files_the_readers_disagree_on_alike(files_readers_disagree_on):
+    """Readers disagree on some files; every clip, training or evaluation, goes to the same reader
+    first, so a file is read one way in both (the reader order is the only one)."""
+    from data import create_dataset
+    rotated, ten_bit = files_readers_disagree_on / "rotated.mp4", files_readers_disagree_on / "ten_bit.mp4"
+    assert read_video(rotated, 4, "uniform", None, backend="decord").shape[-2:] == (96, 64)  # turned upright
+    assert read_video(rotated, 4, "uniform", None, backend="pyav").shape[-2:] == (64, 96)
+    assert not torch.equal(read_video(ten_bit, 4, "uniform", None, backend="decord"),
+                           read_video(ten_bit, 4, "uniform", None, backend="pyav"))
+    ann = files_readers_disagree_on / "ann"
+    ann.mkdir()
+    (ann / "train.jsonl").write_text("".join(json.dumps({"clip_name": name, "caption": "a test pattern"}) + "\n"
+                                             for name in ("rotated", "ten_bit")))
+    (ann / "test.jsonl").write_text((ann / "train.jsonl").read_text())
+    config = {"video_root": str(files_readers_disagree_on), "ann_root": str(ann), "image_size": 32,
+              "num_frm_train": 4, "num_frm_test": 4, "max_words": 30}
+    train, test = (create_dataset("retrieval_didemo", config, split) for split in ("train", "test"))
+    for index in range(2):
+        assert torch.equal(train[index][0], test[index][0])

@@ -438,3 +438,26 @@ def test_bad_video_in_one_ranks_shard_under_torchrun(corpus, tmp_path, random_we
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: cannot decode video {broken}:"), result.stderr[-4000:]
     assert 'train_video_retrieval.py", line' not in result.stderr, result.stderr[-4000:]
+
+
+def test_clips_shorter_than_sampled_are_used_said_once_and_counted(corpus, tmp_path, capsys):
+    from data.toy import make_clip, random_events
+    from training.fit import report_bad_inputs
+    videos = tmp_path / "videos"
+    shutil.copytree(corpus / "videos", videos, symlinks=True)
+    first = json.loads((corpus / "ann" / "train.jsonl").read_text().splitlines()[0])["clip_name"]
+    (videos / f"{first}.mp4").unlink()
+    make_clip(videos / f"{first}.mp4", random_events(random.Random(0)), num_frames=3, size=64)
+    config = {"video_root": str(videos), "ann_root": str(corpus / "ann"), "image_size": 32, "num_frm_train": 8,
+              "num_frm_test": 8, "max_words": 30}
+    dataset = create_dataset("retrieval_didemo", config, "train")
+    short = next(i for i, (path, _, _) in enumerate(dataset.items) if Path(path).stem == first)
+    clip = dataset[short][0]
+    dataset[short]
+    assert clip.shape[1] == 8 and torch.equal(clip[:, 0], clip[:, 7])  # used, its first frame repeated
+    assert dataset.short_clips.count() == 2 and dataset.bad_inputs.count() == 0
+    assert capsys.readouterr().err.count("has fewer frames than sampled (only 1 distinct of the 8 frames") == 1
+    report_bad_inputs([dataset], epoch=3)
+    assert "epoch 3: 2 clips had fewer frames than sampled and were used with frames repeated" in \
+        capsys.readouterr().out
+    assert dataset.short_clips.count() == 0
