@@ -1,4 +1,4 @@
-"""Readers for the released annotation formats (spec: data_formats.md). Each retrieval
+"""Readers for the released annotation formats (docs/data.md, "Formats"). Each retrieval
 reader returns (video file name relative to video_root, raw paragraph) pairs; text
 normalisation happens in the datasets.
 

@@ -1,4 +1,4 @@
-"""Re-encode videos to a given fps and size with ffmpeg, in parallel (spec: "Video compression").
+"""Re-encode videos to a given fps and size with ffmpeg, in parallel (docs/data.md, "Re-encoding videos").
 
     ls -U VIDEO_DIR > video_names.txt
     python -m data.compress --input_root VIDEO_DIR --output_root OUT --names_file video_names.txt \

@@ -1,4 +1,4 @@
-"""Caption and question normalisation (spec: data_formats.md, "Text normalisation")."""
+"""Caption and question normalisation (docs/data.md, "Text normalisation")."""
 import re
 
 _CAPTION_PUNCT = re.compile(r'[!"()*#~]')

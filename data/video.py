@@ -110,7 +110,7 @@ def _sorted_draw(first, last, count, rng):
 
 
 def sample_frame_indices(vlen, num_frm, strategy="uniform", rng=None, start=None, end=None, fps=None):
-    """Choose exactly `num_frm` frame indices out of `vlen` frames (spec: sampling strategies)."""
+    """Choose exactly `num_frm` frame indices out of `vlen` frames (docs/data.md, "Frame sampling")."""
     if vlen < 1:
         raise ValueError(f"cannot sample frames from a clip with {vlen} frames")
     if strategy not in STRATEGIES:
