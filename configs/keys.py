@@ -217,6 +217,13 @@ def check(config: dict, where: str) -> None:
             raise ConfigError(f"config key {name!r} in {where} must be {expected}, got {given!r}")
 
 
+# The keys that build the video encoder and decide what it computes: results and indexes
+# record them (evaluation.evaluation_protocol, inference.index).
+ENCODER_KEYS = ("vit", "image_size", "patch_size", "vision_width", "num_heads", "depth", "num_frames",
+                "attention_type", "learnable_temporal_scaling", "token_merging", "merging_type", "testa_r",
+                "prop_attn")
+
+
 def value_problem(key: ConfigKey, given) -> str | None:
     """What `given` (of the right type) breaks of the key's value rules, in words; None if nothing."""
     if not isinstance(given, list):

@@ -2,13 +2,11 @@
 
 The protocol, step by step and where it differs from the original, is docs/evaluation.md.
 """
-from configs.keys import value
+from configs.keys import ENCODER_KEYS, value
 
-# The config keys that build the tested model: what shapes its weights, and how it computes
-# (token merging). med_config and tokenizer are None where the bundled ones are used.
-MODEL_KEYS = ("vit", "image_size", "patch_size", "vision_width", "num_heads", "depth", "num_frames", "attention_type",
-              "learnable_temporal_scaling", "token_merging", "merging_type", "testa_r", "prop_attn", "med_config",
-              "tokenizer")
+# The config keys that build the tested model: the video encoder's, and the text side's files
+# (None where the bundled ones are used).
+MODEL_KEYS = ENCODER_KEYS + ("med_config", "tokenizer")
 
 
 def evaluation_protocol(config: dict, checkpoint: str | None, **extra) -> dict:

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configs.keys import value
+from configs.keys import ENCODER_KEYS, value
 from training.errors import UserError, user_message
 from training.run_lock import acquire_run_lock, release_run_lock
 from utils import ProgressLine
@@ -50,9 +50,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 # The config values an embedding depends on besides the checkpoint's weights.
-EMBEDDING_KEYS = ("vit", "image_size", "patch_size", "vision_width", "num_heads", "depth", "num_frames",
-                  "attention_type", "learnable_temporal_scaling", "token_merging", "merging_type", "testa_r",
-                  "prop_attn", "embed_dim", "num_frm_test", "frm_sampling_strategy_test")
+EMBEDDING_KEYS = ENCODER_KEYS + ("embed_dim", "num_frm_test", "frm_sampling_strategy_test")
 # What a manifest must hold: a damaged or hand-edited one is one line naming the entry, not a KeyError.
 MANIFEST_FIELDS = {"format": int, "root": str, "files": list, "unreadable": list, "checkpoint": dict,
                    "embedding_config": dict, "config": dict, "with_tokens": bool, "embeddings": str,

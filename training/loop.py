@@ -1,7 +1,6 @@
 """One training epoch: accumulation, AMP, clipping, mid-epoch checkpoints and exact resumption."""
 import argparse
 import math
-import pickle
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from models.checkpoint import CheckpointError, read_checkpoint
 from training.checkpoints import Checkpointer, ResumePoint
 from training.errors import Interrupted, NonFiniteError
 from training.numerics import first_nonfinite_tensor, nonfinite_name
@@ -95,8 +95,8 @@ def checkpoint_on_disk(checkpointer: Checkpointer | None) -> str:
     if path is None or not path.is_file():
         return "no checkpoint written yet"
     try:
-        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError):
+        step = read_checkpoint(path, mmap=True).get("global_step")
+    except CheckpointError:
         return f"{path.name} kept (its step unreadable)"
     return f"{path.name} from step {step} kept"
 
