@@ -1,10 +1,9 @@
 """Small generic helpers the scripts, training core and benchmarks share: seeding and RNG
-state, the CPU allocator setting, atomic saves and moving nested batches to a device."""
+state, the CPU allocator setting, atomic saves, moving nested batches to a device and
+listing the operations a function dispatches."""
 import ctypes
-import datetime
 import os
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -123,22 +122,3 @@ def dispatched_ops(function) -> list[str]:
     with Recorder() as recorder:
         function()
     return recorder.ops
-
-
-class ProgressLine:
-    """'{label} done/total unit  rate unit/s  eta H:MM:SS[  extra]' for long loops: at most
-    every `every_s` seconds, and when the last item is done."""
-
-    def __init__(self, label: str, total: int, unit: str, every_s: float = 5.0, start: int = 0):
-        self.label, self.total, self.unit, self.every_s, self.start = label, total, unit, every_s, start
-        self.began = self.last = time.time()
-
-    def update(self, done: int, extra: str = "") -> None:
-        now = time.time()
-        if now - self.last < self.every_s and done < self.total:
-            return
-        self.last = now
-        rate = (done - self.start) / max(now - self.began, 1e-9)
-        eta = datetime.timedelta(seconds=int((self.total - done) / rate)) if rate else "?"
-        print(f"{self.label} {done}/{self.total} {self.unit}  {rate:.1f} {self.unit}/s  eta {eta}"
-              + (f"  {extra}" if extra else ""), flush=True)

@@ -9,9 +9,9 @@ from data import create_loader, create_pretrain_dataset, create_sampler
 from models import build_pretrain_model
 from training.cli import build_arg_parser, setup_run
 from training.compile import compile_visual_encoder
-from training.config import load_config
-from training.distributed import get_rank, get_world_size
-from training.errors import UserError, run_cli
+from configs.load import load_config
+from runtime.distributed import get_rank, get_world_size
+from runtime.errors import UserError, run_cli
 from training.fit import fit
 from training.logging import print_model_summary
 from training.objectives import pretrain_losses

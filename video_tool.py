@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from training.errors import UserError, run_cli
+from runtime.errors import UserError, run_cli
 
 # (least, most) of each numeric flag; None: no bound. Beyond a --scale of 32 a 224 px frame is
 # over 7,000 px wide, more memory than a picture is worth. torch seeds are 64-bit.

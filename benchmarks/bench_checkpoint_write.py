@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 from models import build_pretrain_model  # noqa: E402
 from training.checkpoints import Checkpointer  # noqa: E402
-from training.config import load_config  # noqa: E402
+from configs.load import load_config  # noqa: E402
 from training.optim import create_optimizer  # noqa: E402
-from training.precision import make_precision  # noqa: E402
+from runtime.precision import make_precision  # noqa: E402
 
 
 def model_with_optimizer_state(config_path: str):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import common
-from training.config import load_config
+from configs.load import load_config
 from utils import keep_freed_cpu_memory
 from models import build_retrieval_model
 from models.testa_retrieval import rerank_scores

@@ -31,7 +31,7 @@ from bench_data import make_long_clip
 from inference.api import VideoFiles, VideoLanguageModel, collate_clips
 from inference.index import update_index
 from models import build_retrieval_model
-from training.config import load_config
+from configs.load import load_config
 
 CONFIG = common.REPO_ROOT + "/configs/retrieval_didemo_f32.yaml"
 # The text side is not part of indexing: the toy BERT keeps the checkpoint small.

@@ -21,7 +21,7 @@ import common
 from inference.api import itc_shortlist
 from models import build_retrieval_model
 from models.testa_retrieval import rerank_scores
-from training.config import load_config
+from configs.load import load_config
 
 # (name, config, overrides, video tokens per candidate). The video encoder is unused here: one block.
 TEXT_ENCODERS = (("toy", "configs/toy/retrieval.yaml", ["depth=1", "testa_r=[1, 2]"], None),

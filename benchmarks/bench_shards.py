@@ -26,7 +26,7 @@ from data.loader import create_loader, create_sampler  # noqa: E402
 from data.pack_shards import pack  # noqa: E402
 from data.shards import ShardedPretrainDataset  # noqa: E402
 from data.toy import write_corpus  # noqa: E402
-from training.config import load_config  # noqa: E402
+from configs.load import load_config  # noqa: E402
 
 BATCH_SIZE = 4
 

@@ -30,7 +30,7 @@ import common
 import torch
 
 from models.timesformer import build_video_encoder
-from training.config import load_config
+from configs.load import load_config
 from utils import dispatched_ops, keep_freed_cpu_memory
 
 CONFIG = 'configs/retrieval_didemo_f32.yaml'

@@ -14,7 +14,7 @@ import os
 import torch
 
 import common
-from training.config import load_config
+from configs.load import load_config
 from models import build_retrieval_model
 
 PRESETS = {

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from runtime.errors import ConfigError
+
 REQUIRED = object()  # the default of a key every user of it must set
 
 # The runs a config drives: video_pretrain.py, train_video_retrieval.py, train_video_qa.py.
@@ -29,10 +31,6 @@ FRAME_SAMPLING = ("uniform", "uniform_spread", "nlvl_uniform", "nlvl_rand", "ran
 POSITIVE = {"minimum": 1}
 NON_NEGATIVE = {"minimum": 0}
 FRACTION = {"minimum": 0, "maximum": 1}
-
-
-class ConfigError(ValueError):
-    """A config key that is unknown, of the wrong type, or missing where it is needed."""
 
 
 @dataclass(frozen=True)

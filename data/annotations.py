@@ -11,7 +11,7 @@ import pickle
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import DataError, one_line
+from runtime.errors import DataError, one_line
 
 
 class AnnotationError(DataError, ValueError):

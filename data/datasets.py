@@ -9,15 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset
 
 from configs.keys import ConfigError, value
+from runtime.distributed import get_rank
+from runtime.errors import DataError
 
 from .annotations import layout_of, read_activitynet, read_condensedmovies, read_didemo, read_json, read_queryd
 from .bad_inputs import BadInputLog
-from .errors import DataError
 from .text import pre_caption, pre_question
 from .transforms import EvalTransform, ImageTrainTransform, VideoTrainTransform
 from .video import STRATEGIES, VideoReadError, read_clip
@@ -104,7 +104,7 @@ class ClipDataset(Dataset):
         self.bad_inputs = BadInputLog()
         self.short_clips = BadInputLog("warning: {path} has fewer frames than sampled ({reason}): its frames repeat")
         self.epoch = 0
-        self.set_seed(value(config, "seed"), dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
+        self.set_seed(value(config, "seed"), get_rank())
 
     def refuse_paths_outside_video_root(self, paths, split, allow_absolute=False):
         """Annotations may only name files under video_root (an annotation file from elsewhere

@@ -23,10 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from utils import ProgressLine
+from runtime.errors import DataError
+from runtime.progress import ProgressLine
 
 from .annotations import layout_of, read_json
-from .errors import DataError
 
 PROGRESS = "progress.json"
 MANIFEST = "manifest.json"

@@ -21,13 +21,13 @@ import re
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from configs.keys import ConfigError, value
+from runtime.distributed import get_rank, get_world_size
+from runtime.errors import DataError
 
 from .datasets import VIDEO_EXTENSIONS, ClipDataset, create_dataset
-from .errors import DataError
 from .text import pre_caption
 from .video import VideoReadError
 
@@ -124,9 +124,8 @@ class ShardedPretrainDataset(ClipDataset, IterableDataset):
 
     def __init__(self, config, name="pretrain", rank=None, world_size=None):
         super().__init__(config, name, train=True, augment=True)
-        distributed = dist.is_available() and dist.is_initialized()
-        self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
-        self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
+        self.rank = get_rank() if rank is None else rank
+        self.world_size = get_world_size() if world_size is None else world_size
         self.shuffle_buffer = value(config, "shard_shuffle_buffer")
         self.batch_size = value(config, "batch_size", f"dataset {name!r}")
         self.urls = expand_shards(value(config, "train_shards"))

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 
-from .errors import DataError, one_line
+from runtime.errors import DataError, one_line
+
 
 STRATEGIES = ("uniform", "uniform_spread", "nlvl_uniform", "nlvl_rand", "rand", "headtail")
 # A warning is due when 'uniform' leaves more than this share of a clip's tail unsampled.

@@ -6,10 +6,10 @@ from contextlib import contextmanager
 import torch
 
 from configs.keys import ConfigError
-from training.distributed import gather_objects
-from training.errors import NonFiniteError
-from training.numerics import first_nonfinite_tensor
-from training.progress import MetricLogger
+from runtime.distributed import gather_objects
+from runtime.errors import NonFiniteError
+from runtime.numerics import first_nonfinite_tensor
+from runtime.progress import MetricLogger
 
 INFERENCE_MODES = ("rank", "generate")
 

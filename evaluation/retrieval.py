@@ -13,12 +13,12 @@ import numpy as np
 import torch
 
 from configs.keys import ConfigError, value
-from data import shard_indices
+from runtime.sharding import shard_indices
 from evaluation.metrics import TIE_RULES
 from models.testa_retrieval import rerank_scores, rows_per_itm_batch
-from training.distributed import gather_objects, get_rank, get_world_size
-from training.numerics import require_finite
-from training.progress import MetricLogger
+from runtime.distributed import gather_objects, get_rank, get_world_size
+from runtime.numerics import require_finite
+from runtime.progress import MetricLogger
 
 TEXT_BATCH = 256
 

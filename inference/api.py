@@ -37,9 +37,9 @@ from models.checkpoint import (
     task_of,
 )
 from models.testa_retrieval import rerank_scores
-from training.config import check_values_and_warn, load_config
-from training.errors import UserError
-from training.precision import native_cpu_bf16
+from configs.load import check_values_and_warn, load_config
+from runtime.errors import UserError
+from runtime.precision import native_cpu_bf16
 
 BUILDERS = {"retrieval": build_retrieval_model, "QA": build_qa_model, "pre-training": build_pretrain_model}
 # The models a checkpoint of each task gives meaningful results as: a pre-training checkpoint

@@ -15,7 +15,7 @@ An index folder holds:
   unreadable ones with their reason, the config, the checkpoint (path, size, mtime_ns,
   sha256), and the config values that change an embedding (frames, sampling, image size,
   the video encoder's keys).
-* `.lock` while a run updates it: one run per index folder (training/run_lock.py, as for
+* `.lock` while a run updates it: one run per index folder (runtime/run_lock.py, as for
   the output folders of training), a second one stops with one line naming the first.
 
 A rerun encodes new and changed (size or mtime) files only, drops deleted ones and copies
@@ -42,9 +42,9 @@ import numpy as np
 import torch
 
 from configs.keys import ENCODER_KEYS, value
-from training.errors import UserError, user_message
-from training.run_lock import acquire_run_lock, release_run_lock
-from utils import ProgressLine
+from runtime.errors import UserError, user_message
+from runtime.run_lock import acquire_run_lock, release_run_lock
+from runtime.progress import ProgressLine
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -32,12 +32,9 @@ import torch
 from torch import nn
 
 from models.embedding_resize import resize_pos_embed, resize_time_embed
+from runtime.errors import CheckpointError
 
 VISUAL_PREFIXES = ("visual_encoder.", "visual_encoder_m.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or cannot be loaded into the requested model."""
 
 
 # Feature queues and their pointers: caches of recent momentum features, refilled within

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.distributed import all_gather_with_grad, concat_all_gather
+from runtime.distributed import all_gather_with_grad, concat_all_gather
 
 
 def momentum_distilled_targets(momentum_logits: torch.Tensor, hard_targets: torch.Tensor,

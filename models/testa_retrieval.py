@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from models.contrastive import VideoTextContrastive
-from models.distributed import concat_all_gather
+from runtime.distributed import concat_all_gather
 
 
 class VideoRetrievalModel(VideoTextContrastive):

@@ -19,41 +19,10 @@ from torch.utils.checkpoint import checkpoint
 from configs.keys import ConfigError, value
 from models.embedding_resize import resize_grid, resize_time_embed
 from models.pixels import normalize
+from models.schedule import ATTENTION_ALIASES, MERGING_TYPES, merge_schedule, warn_schedule_notes
 from models.timesformer_blocks import DividedSpaceTimeBlock, Tokens, VideoTokens, ViTBlock, layer_norm
 
 ATTENTION_TYPES = ("divided_space_time", "space_only", "joint_space_time")
-MERGING_TYPES = ("frame&patch", "frame", "patch")
-_ATTENTION_ALIASES = {"space-only": "space_only"}
-
-
-def merge_schedule(testa_r, merging_type: str, attention_type: str, depth: int,
-                   token_merging: bool = True) -> List[Tuple[int, int]]:
-    """Per-block (frames to merge, patches to merge) from the ``testa_r`` config entry.
-
-    Divided frame&patch reads two entries per block (frames, patches); frame, patch and
-    the single-attention types (space_only, joint_space_time: plain ToMe) read one.
-    An int applies to every block; a short list is padded with zeros, a long one truncated.
-    """
-    if merging_type not in MERGING_TYPES:
-        raise ValueError(f"merging_type must be one of {MERGING_TYPES}, got {merging_type!r}")
-    if not token_merging:
-        return [(0, 0)] * depth
-    two_per_block = attention_type == "divided_space_time" and merging_type == "frame&patch"
-    per_block = 2 if two_per_block else 1
-    if isinstance(testa_r, int):
-        entries = [testa_r] * (depth * per_block)
-    else:
-        # Extra entries are ignored, as the original does: the released space_only configs
-        # reuse the 24-entry frame&patch list.
-        entries = [int(r) for r in testa_r][:depth * per_block]
-        entries += [0] * (depth * per_block - len(entries))
-    if any(r < 0 for r in entries):
-        raise ValueError(f"testa_r entries must be >= 0, got {testa_r}")
-    if two_per_block:
-        return list(zip(entries[0::2], entries[1::2]))
-    if attention_type == "divided_space_time" and merging_type == "frame":
-        return [(r, 0) for r in entries]
-    return [(0, r) for r in entries]
 
 
 @dataclass
@@ -81,7 +50,7 @@ class TimeSformer(nn.Module):
                  merging_type="frame&patch", prop_attn=False, trace_source=False,
                  grad_checkpointing=False, ckpt_layer=0):
         super().__init__()
-        attention_type = _ATTENTION_ALIASES.get(attention_type, attention_type)
+        attention_type = ATTENTION_ALIASES.get(attention_type, attention_type)
         if attention_type not in ATTENTION_TYPES:
             raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
         if img_size % patch_size:
@@ -295,6 +264,7 @@ def build_video_encoder(config: dict) -> TimeSformer:
 
     if get("vit") != "timesformer":
         raise ConfigError(f"config 'vit' must be 'timesformer' (the only video encoder), got {get('vit')!r}")
+    warn_schedule_notes(config)
     return TimeSformer(
         img_size=get("image_size"), patch_size=get("patch_size"), embed_dim=get("vision_width"),
         num_heads=get("num_heads"), depth=get("depth"), num_frames=get("num_frames"),

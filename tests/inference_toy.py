@@ -7,7 +7,7 @@ import torch
 from data.toy import write_corpus
 from models import build_pretrain_model, build_qa_model, build_retrieval_model
 from tests.helpers import REPO_ROOT
-from training.config import load_config
+from configs.load import load_config
 
 # A 2-block toy model (two testa_r entries per block), decoding in the test process.
 SMALL = ["depth=2", "testa_r=[1, 2, 1, 2]", "num_workers=0"]

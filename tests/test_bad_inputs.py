@@ -20,7 +20,7 @@ CASES = all_cases()
 def shared(tmp_path_factory):
     """A toy corpus and toy-sized checkpoints of the three model families."""
     from models import build_pretrain_model, build_qa_model, build_retrieval_model
-    from training.config import load_config
+    from configs.load import load_config
     root = tmp_path_factory.mktemp("bad_inputs")
     corpus = root / "corpus"
     write_corpus(corpus, num_clips=16, frames=8, size=64, seed=0, num_images=2)

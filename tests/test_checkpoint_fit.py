@@ -16,9 +16,9 @@ from models.checkpoint import (CheckpointError, check_recorded_settings, load_ch
 from tests.helpers import REPO_ROOT
 from training.checkpoints import Checkpointer, resume_differences, training_settings
 from training.cli import build_arg_parser, check_resume_fits, keep_previous_config, setup_run
-from training.config import load_config
-from training.errors import UserError
-from training.precision import make_precision
+from configs.load import load_config
+from runtime.errors import UserError
+from runtime.precision import make_precision
 
 TOY_RETRIEVAL = REPO_ROOT / "configs" / "toy" / "retrieval.yaml"
 

@@ -12,7 +12,7 @@ import torch
 
 from tests.launching import environment, run_together, torchrun_nodes
 from training.compile import compile_visual_encoder
-from training.errors import UserError
+from runtime.errors import UserError
 
 
 def fine_tune(small_corpus, out, *flags) -> str:

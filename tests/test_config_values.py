@@ -1,16 +1,17 @@
 """Config values are checked when a config is loaded: every rule kind of configs/keys.py
 (minimum, maximum, finiteness, choices, list entries, a key that must divide another), the
-task a config is for and the keys its run does not read, and the testa_r warnings, whose
-clamping must be the encoder's own."""
+task a config is for and the keys its run does not read, and the testa_r warnings the encoder
+says when it is built, whose clamping must be the encoder's own."""
 import re
 
 import pytest
 import torch
 
 from configs.keys import CONFIG_KEYS, DATASET_TASKS, FRAME_SAMPLING, ConfigError, task_of
-from models.timesformer import build_video_encoder, merge_schedule
+from models.timesformer import build_video_encoder
 from tests.helpers import REPO_ROOT
-from training.config import clamped_merges, load_config
+from configs.load import load_config
+from models.schedule import clamped_merges, merge_schedule
 
 TOY = REPO_ROOT / "configs" / "toy"
 # The encoder of the toy configs at depth 2: 8 frames of 4 x 4 patches, testa_r read as 2 x 2 entries.
@@ -119,9 +120,10 @@ def test_the_enumerations_are_the_ones_the_code_acts_on():
     from data.video import STRATEGIES
     from evaluation.metrics import TIE_RULES
     from evaluation.qa import INFERENCE_MODES
-    from models.timesformer import _ATTENTION_ALIASES, ATTENTION_TYPES, MERGING_TYPES
+    from models.schedule import ATTENTION_ALIASES, MERGING_TYPES
+    from models.timesformer import ATTENTION_TYPES
     from training.optim import EXEMPTION_RULES
-    acted_on = {"attention_type": {*ATTENTION_TYPES, *_ATTENTION_ALIASES}, "merging_type": set(MERGING_TYPES),
+    acted_on = {"attention_type": {*ATTENTION_TYPES, *ATTENTION_ALIASES}, "merging_type": set(MERGING_TYPES),
                 "frm_sampling_strategy": set(STRATEGIES), "frm_sampling_strategy_test": set(STRATEGIES),
                 "tie_rule": set(TIE_RULES), "inference": set(INFERENCE_MODES),
                 "answer_candidates": set(ANSWER_CANDIDATE_RULES), "weight_decay_exempt": set(EXEMPTION_RULES),
@@ -163,8 +165,9 @@ def test_a_key_the_run_does_not_read_is_one_warning(name, overrides, expected, c
 
 
 def test_only_the_first_process_warns(monkeypatch, capsys):
-    monkeypatch.setattr("training.config.is_main_process", lambda: False)
-    load_toy([*TOY_ENCODER, "batch_size=8", "testa_r=[1, 2]"])
+    monkeypatch.setattr("configs.load.is_main_process", lambda: False)
+    monkeypatch.setattr("models.schedule.is_main_process", lambda: False)
+    build_video_encoder(load_toy([*TOY_ENCODER, "batch_size=8", "testa_r=[1, 2]"]))
     assert warnings_of(capsys) == []
 
 
@@ -191,7 +194,9 @@ def test_only_the_first_process_warns(monkeypatch, capsys):
      "with clips of 8 frames (num_frm_train, num_frm_test) 2 merge counts are clamped to half of the tokens that "
      "may merge, first in block 1: 64 of its 129 tokens, not 100")])
 def test_a_schedule_the_encoder_adjusts_is_one_warning_saying_how(overrides, expected, capsys):
-    load_toy(["depth=2", *overrides])
+    config = load_toy(["depth=2", *overrides])
+    assert warnings_of(capsys) == []  # said by the encoder it concerns, when it is built
+    build_video_encoder(config)
     assert warnings_of(capsys) == [f"warning: testa_r: {expected}"]
 
 
@@ -199,7 +204,7 @@ def test_a_schedule_the_encoder_adjusts_is_one_warning_saying_how(overrides, exp
     ["testa_r=[1, 2, 1, 2]"], ["testa_r=1"], ["testa_r=[9, 99]", "token_merging=false"],
     ["testa_r=[1, 2]", "merging_type=patch"]])
 def test_a_schedule_the_encoder_follows_is_silent(overrides, capsys):
-    load_toy(["depth=2", *overrides])
+    build_video_encoder(load_toy(["depth=2", *overrides]))
     assert warnings_of(capsys) == []
 
 

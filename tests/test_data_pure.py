@@ -9,7 +9,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from data.annotations import restricted_loads
-from data.loader import EvalShardSampler, create_sampler, shard_indices, vqa_collate_fn
+from data.loader import EvalShardSampler, create_sampler, vqa_collate_fn
+from runtime.sharding import shard_indices
 from data.text import pre_caption, pre_question
 from data.transforms import (AUGMENT_OPS, IMAGE_OPS, OP_PARAMETERS, SIGNED_IMAGE_OPS, VIDEO_OPS, EvalTransform,
                              ImageTrainTransform, VideoTrainTransform, apply_plan, random_resized_crop_box)

@@ -8,8 +8,8 @@ from inference.api import VideoLanguageModel, autocast_dtype
 from inference.index import VideoIndex, update_index
 from models.testa_retrieval import rerank_scores
 from tests.inference_toy import make_toy_setup
-from training.config import load_config
-from training.errors import UserError
+from configs.load import load_config
+from runtime.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.launching import environment, free_port, run_together, torchrun_nodes
-from training.distributed import expand_hostlist, slurm_environment
+from runtime.distributed import expand_hostlist, slurm_environment
 
 
 def pretrain_args(small_corpus, out) -> list[str]:

@@ -28,7 +28,7 @@ from data.toy import render_event, write_corpus
 from data.transforms import VIDEO_OPS, ImageTrainTransform, VideoTrainTransform, apply_plan
 from data.video import READER_VARIABLE
 from tests.helpers import REPO_ROOT
-from training.config import load_config
+from configs.load import load_config
 
 VLEN = 20  # frames in each toy clip
 TOY = 64  # toy frame size in pixels

@@ -10,7 +10,7 @@ import pytest
 
 from configs.keys import CONFIG_KEYS, value
 from tests.helpers import FIXTURES, REPO_ROOT
-from training.config import load_config
+from configs.load import load_config
 
 ORIGINAL = json.loads((FIXTURES / "original_configs.json").read_text())["configs"]
 PATH_KEYS = {"video_root", "ann_root", "pretrained", "train_file"}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data import video
-from data.errors import DataError
+from runtime.errors import DataError
 from data.transforms import AUGMENT_OPS
 from data.toy import write_mp4
 from data.video import READER_VARIABLE, VideoReadError, read_video, reader_names, sample_frame_indices

@@ -20,11 +20,11 @@ from torch.utils.data import DataLoader
 from data import VideoReadError, create_dataset, create_loader
 from data.annotations import AnnotationError, read_json, read_jsonl, read_pickle
 from data.bad_inputs import PREFIX, BadInputLog
-from data.errors import DataError
+from runtime.errors import DataError
 from data.toy import write_corpus
 from tests.helpers import REPO_ROOT
 from tests.test_scripts import SMALL, retrieval_args, run_script
-from training.errors import user_message
+from runtime.errors import user_message
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_truncated_pickle_names_the_file(tmp_path):
 def random_weights(tmp_path_factory):
     """A randomly initialised checkpoint of the scripts' small toy retrieval model."""
     from models import build_retrieval_model
-    from training.config import load_config
+    from configs.load import load_config
 
     path = tmp_path_factory.mktemp("weights") / "random.pth"
     cwd = os.getcwd()

@@ -16,9 +16,9 @@ from data.toy import write_corpus
 from tests.helpers import REPO_ROOT
 from tests.test_scripts import SMALL, last_json_line, retrieval_args, run_script
 from training import precision as precision_module
-from training.errors import UserError
-from training.precision import make_precision
-from training.run_lock import acquire_run_lock, release_run_lock
+from runtime.errors import UserError
+from runtime.precision import make_precision
+from runtime.run_lock import acquire_run_lock, release_run_lock
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def error_line(result) -> str:
 def _toy_checkpoint(tmp_path, kind: str):
     """A toy-sized checkpoint of the retrieval or QA model (what a fine-tuning run writes)."""
     from models import build_qa_model, build_retrieval_model
-    from training.config import load_config
+    from configs.load import load_config
     name, builder = {"retrieval": ("retrieval", build_retrieval_model), "qa": ("qa", build_qa_model)}[kind]
     config = load_config(REPO_ROOT / "configs" / "toy" / f"{name}.yaml",
                          ["depth=2", f"med_config={REPO_ROOT / 'configs' / 'toy' / 'bert_toy.json'}"])

@@ -11,7 +11,7 @@ import webdataset
 from configs.keys import ConfigError
 from data import pack_shards
 from data.datasets import PretrainDataset
-from data.errors import DataError
+from runtime.errors import DataError
 from data.loader import create_loader, create_sampler
 from data.pack_shards import pack, read_rows
 from data.shards import ShardedPretrainDataset

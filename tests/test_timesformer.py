@@ -6,7 +6,8 @@ import torch
 from ruamel.yaml import YAML
 
 from models.embedding_resize import resize_pos_embed, resize_time_embed
-from models.timesformer import TimeSformer, build_video_encoder, merge_schedule
+from models.schedule import merge_schedule
+from models.timesformer import TimeSformer, build_video_encoder
 from models.timesformer_blocks import DividedSpaceTimeBlock, drop_path, drop_path_mask
 
 PREFIX = "visual_encoder."

@@ -20,7 +20,7 @@ from inference.aggregation import save_whole
 from inference.api import VideoLanguageModel
 from inference.index import IndexWriter, VideoIndex, read_manifest, update_index
 from tests.inference_toy import make_toy_setup
-from training.errors import UserError
+from runtime.errors import UserError
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

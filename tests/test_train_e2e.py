@@ -22,7 +22,7 @@ from tests.helpers import E2E, TRAIN_E2E, e2e_paths, read_yaml, train_e2e_config
 from training.loop import train_one_epoch
 from training.objectives import qa_losses, retrieval_losses
 from training.optim import create_optimizer, make_lr_schedule
-from training.precision import make_precision
+from runtime.precision import make_precision
 
 FORMATS = ["didemo", "activitynet", "queryd", "condensedmovies", "activitynet_qa"]
 # BERT's attention key biases get no true gradient (softmax ignores a shift along the keys),

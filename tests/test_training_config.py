@@ -3,8 +3,8 @@ import pytest
 
 from configs.keys import ConfigError
 from training.cli import build_arg_parser, setup_run
-from training.config import load_config, save_config
-from training.errors import UserError, run_cli
+from configs.load import load_config, save_config
+from runtime.errors import UserError, run_cli
 
 
 def write(tmp_path, text, name="config.yaml"):

@@ -7,9 +7,9 @@ import torch
 
 from configs.keys import CONFIG_KEYS, ConfigError, value
 from models.checkpoint import check_recorded_settings, checkpoint_family, model_settings, read_checkpoint
-from training.distributed import barrier, gather_objects, get_rank, get_world_size, is_main_process, unwrap_model
-from training.errors import UserError
-from training.precision import Precision
+from runtime.distributed import barrier, gather_objects, get_rank, get_world_size, is_main_process, unwrap_model
+from runtime.errors import UserError
+from runtime.precision import Precision
 from utils import atomic_torch_save, get_rng_state, set_rng_state
 
 

@@ -13,12 +13,12 @@ from configs.keys import value
 from data.video import reader_names
 from models.checkpoint import read_checkpoint
 from training.checkpoints import resume_differences, resume_path, training_settings
-from training.config import load_config, save_config
-from training.distributed import gather_objects, get_world_size, init_distributed, is_main_process, seed_for_rank
-from training.errors import UserError
+from configs.load import load_config, save_config
+from runtime.distributed import gather_objects, get_world_size, init_distributed, is_main_process, seed_for_rank
+from runtime.errors import UserError
 from training.logging import write_results
-from training.precision import Precision, make_precision
-from training.run_lock import acquire_run_lock
+from runtime.precision import Precision, make_precision
+from runtime.run_lock import acquire_run_lock
 from utils import keep_freed_cpu_memory, seed_everything
 
 

@@ -10,7 +10,7 @@ import shutil
 
 import torch
 
-from training.errors import UserError
+from runtime.errors import UserError
 
 # A testing aid, not for users: another torch.compile backend than inductor, e.g. aot_eager,
 # which traces the same graphs and backward but generates no C++ (inductor spends about

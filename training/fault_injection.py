@@ -13,8 +13,8 @@ Unset, they cost one integer comparison per optimiser step.
 import os
 import sys
 
-from training.distributed import get_rank
-from training.errors import UserError
+from runtime.distributed import get_rank
+from runtime.errors import UserError
 
 
 def exit_step() -> int:

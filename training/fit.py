@@ -10,7 +10,7 @@ from configs.keys import value
 from models.checkpoint import read_checkpoint
 from training.checkpoints import Checkpointer, load_model_state
 from training.cli import Run
-from training.distributed import gather_objects, is_main_process, wrap_distributed
+from runtime.distributed import gather_objects, is_main_process, wrap_distributed
 from training.logging import ExperimentLogger, log_epoch, write_results
 from training.loop import LoopOptions, checkpoint_on_disk, save_if_finite, stops_reported, train_one_epoch
 from training.optim import create_optimizer, make_lr_schedule

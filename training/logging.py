@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from training.distributed import is_main_process
-from training.errors import UserError
+from runtime.distributed import is_main_process
+from runtime.errors import UserError
 
 
 def log_epoch(output_dir, epoch: int, **sections: dict) -> dict:

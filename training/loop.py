@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from models.checkpoint import CheckpointError, read_checkpoint
 from training.checkpoints import Checkpointer, ResumePoint
-from training.errors import Interrupted, NonFiniteError
-from training.numerics import first_nonfinite_tensor, nonfinite_name
+from runtime.errors import Interrupted, NonFiniteError
+from runtime.numerics import first_nonfinite_tensor, nonfinite_name
 from training.optim import set_lr
-from training.precision import Precision
-from training.progress import MetricLogger, SmoothedValue
-from training.distributed import seed_for_rank, unwrap_model
+from runtime.precision import Precision
+from runtime.progress import MetricLogger, SmoothedValue
+from runtime.distributed import seed_for_rank, unwrap_model
 from training.fault_injection import exit_abruptly, exit_step
 from utils import move_to_device, seed_everything, set_rng_state
 

@@ -5,7 +5,7 @@ from typing import Callable
 import torch
 
 from configs.keys import ConfigError, value
-from training.distributed import unwrap_model
+from runtime.distributed import unwrap_model
 
 
 # Learned tokens, position/time embeddings and scales: the project's own exemption rule

@@ -4,7 +4,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from training.errors import NonFiniteError
+from runtime.errors import NonFiniteError
 
 
 def first_nonfinite_row(tensor: torch.Tensor) -> int | None:

@@ -7,15 +7,26 @@ import sys
 import time
 from typing import Callable
 
-import torch.distributed as dist
-
-from configs.keys import ConfigError
-from data.errors import DataError, one_line
-from models.checkpoint import CheckpointError
 
 
 class UserError(Exception):
-    """A mistake in the user's input (flags, files, config): reported in one line."""
+    """A mistake in the user's input (flags, files, config, data, checkpoints): reported in one
+    line. Takes one message, so that torch's DataLoader can re-raise one from a worker as
+    `type(error)(message_with_traceback)`; the message is kept to one line for the same reason
+    (the CLI shows only the last line of a worker's traceback)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config key that is unknown, of the wrong type, or missing where it is needed."""
+
+
+class DataError(UserError, RuntimeError):
+    """Input data the pipeline cannot use: broken annotation files (data.annotations.AnnotationError),
+    undecodable videos (data.video.VideoReadError), splits without any video."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be read, or cannot be loaded into the requested model."""
 
 
 class NonFiniteError(Exception):
@@ -28,10 +39,8 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with where the run stopped and what it left on disk as its message."""
 
 
-# What a user's input can cause: each is reported in one line. DataError covers broken
-# annotation files (data.annotations.AnnotationError), undecodable videos
-# (data.video.VideoReadError) and splits without any video.
-USER_ERRORS = (UserError, ConfigError, CheckpointError, DataError, FileNotFoundError, NonFiniteError)
+# What a user's input can cause: each is reported in one line.
+USER_ERRORS = (UserError, FileNotFoundError, NonFiniteError)
 
 # The shell's status for a process ended by SIGINT (128 + 2): scripts and schedulers can tell
 # an interrupted run from a failed one.
@@ -50,6 +59,11 @@ QUIET_WAIT_S = 5.0
 # gloo's error in the ranks left waiting for a process that has exited: the consequence of a
 # failure that the exited process has reported already.
 _PEER_EXITED = re.compile(r"Connection (closed|reset) by peer")
+
+
+def one_line(text) -> str:
+    """`text` with its lines joined by single spaces (blank lines and the indentation dropped)."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
 def _original_message(text: str) -> str:
@@ -142,5 +156,6 @@ def run_cli(main: Callable[[], object]) -> None:
         _report(message)
         sys.exit(1)
     finally:
+        import torch.distributed as dist  # here: configs.keys imports this module and stays torch-free
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

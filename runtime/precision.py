@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from training.errors import UserError
+from runtime.errors import UserError
 
 _PRINTED: set[str] = set()  # warnings already printed by this process
 

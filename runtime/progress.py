@@ -1,4 +1,5 @@
-"""Running averages and progress lines with rate and ETA."""
+"""Running averages and progress lines with rate and ETA: MetricLogger for loops that track
+metrics (training, evaluation), ProgressLine for loops that count items (indexing, packing)."""
 import datetime
 import time
 from collections import defaultdict, deque
@@ -7,7 +8,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training.distributed import get_world_size
+from runtime.distributed import get_world_size
 
 
 class SmoothedValue:
@@ -113,3 +114,22 @@ class MetricLogger:
                 print(f"{header} [{done:>{width}}/{total}]  eta: {_format_seconds(eta)}  "
                       f"{rate:.2f} it/s  {self}{memory}", flush=True)
         print(f"{header} total time: {_format_seconds(time.time() - began)}", flush=True)
+
+
+class ProgressLine:
+    """'{label} done/total unit  rate unit/s  eta H:MM:SS[  extra]' for long loops: at most
+    every `every_s` seconds, and when the last item is done."""
+
+    def __init__(self, label: str, total: int, unit: str, every_s: float = 5.0, start: int = 0):
+        self.label, self.total, self.unit, self.every_s, self.start = label, total, unit, every_s, start
+        self.began = self.last = time.time()
+
+    def update(self, done: int, extra: str = "") -> None:
+        now = time.time()
+        if now - self.last < self.every_s and done < self.total:
+            return
+        self.last = now
+        rate = (done - self.start) / max(now - self.began, 1e-9)
+        eta = _format_seconds((self.total - done) / rate) if rate else "?"
+        print(f"{self.label} {done}/{self.total} {self.unit}  {rate:.1f} {self.unit}/s  eta {eta}"
+              + (f"  {extra}" if extra else ""), flush=True)

@@ -1,4 +1,5 @@
-"""Process groups: set-up under torchrun or srun, rank queries, DDP wrapping, gathering Python objects."""
+"""Process groups: set-up under torchrun or srun, rank queries, DDP wrapping, gathering Python objects
+and tensors (no-ops in one process)."""
 import builtins
 import itertools
 import os
@@ -7,8 +8,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 
-from training.errors import UserError
+from runtime.errors import UserError
 
 
 def is_dist_avail_and_initialized() -> bool:
@@ -149,3 +151,21 @@ def wrap_distributed(model: torch.nn.Module, device: torch.device,
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the model itself)."""
     return model.module if hasattr(model, "module") else model
+
+
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank along dim 0 (no gradient flows back)."""
+    if get_world_size() == 1:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank along dim 0, keeping the autograd graph: each rank's
+    slice receives the gradient summed over all ranks (every rank's loss depends on it)."""
+    if get_world_size() == 1:
+        return tensor
+    return torch.cat(dist_nn.all_gather(tensor.contiguous()), dim=0)

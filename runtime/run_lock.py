@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from training.errors import UserError
+from runtime.errors import UserError
 from utils import process_is_running
 
 LOCK_NAME = ".lock"

@@ -1,0 +1,7 @@
+"""What every part of a run stands on, written once: process groups and rank queries
+(distributed), autocast and gradient scaling (precision), progress lines with rates and ETAs
+(progress), the user-error type and its one-line boundary (errors), NaN/inf checks (numerics),
+an output folder's lock (run_lock) and splitting items over processes (sharding).
+
+It imports nothing of this project but utils.py, so configs, data, models, evaluation,
+inference and training can all build on it."""
