@@ -1,9 +1,9 @@
-# Set-up and the two entry points of the README: `make toy` and `make test`.
+# Set-up and the entry points of the README: `make toy`, `make test` and, while editing, `make test-fast`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install toy test
+.PHONY: install toy test test-fast
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,3 +17,7 @@ toy: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# The unit tests alone: no test that starts a process or runs a whole pipeline (marked slow).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests

@@ -10,11 +10,11 @@ import json
 import sys
 
 from configs.keys import value
-from data import create_split_loaders, vqa_collate_fn
+from data.loader import create_split_loaders, vqa_collate_fn
 from evaluation import evaluation_protocol
 from evaluation.metrics import qa_accuracy
 from evaluation.qa import predict_answers
-from models import build_qa_model
+from models import create_model
 from training.cli import build_arg_parser, setup_run
 from training.compile import compile_visual_encoder
 from runtime.distributed import get_rank, get_world_size, is_main_process, unwrap_model
@@ -42,7 +42,7 @@ def main():
     splits = ["test"] if args.evaluate else ["train", "val", "test"]
     datasets, loaders = create_split_loaders(value(config, "dataset"), config, splits, get_world_size(), get_rank(),
                                              train_collate_fn=vqa_collate_fn, pin_memory=run.device.type == "cuda")
-    model = build_qa_model(config, config.get("pretrained") or None).to(run.device)
+    model = create_model(config, "qa", checkpoint=config.get("pretrained") or None).to(run.device)
     print_model_summary(model, model.visual_encoder, config, args.flop_counter)
     if args.compile:
         compile_visual_encoder(model, run.device)

@@ -5,11 +5,11 @@ Trains with ITC + ITM, evaluates on val every epoch (keeping checkpoint_best.pth
 recall), then tests with the best weights. `--evaluate` only tests the `pretrained` weights.
 """
 from configs.keys import value
-from data import create_split_loaders
+from data.loader import create_split_loaders
 from evaluation import evaluation_protocol
 from evaluation.metrics import retrieval_metrics
 from evaluation.retrieval import RetrievalSettings, score_matrices, write_submission
-from models import build_retrieval_model
+from models import create_model
 from training.cli import build_arg_parser, setup_run
 from training.compile import compile_visual_encoder
 from runtime.distributed import get_rank, get_world_size, is_main_process, unwrap_model
@@ -28,7 +28,7 @@ def main():
     splits = ["test"] if args.evaluate else ["train", "val", "test"]
     datasets, loaders = create_split_loaders(value(config, "dataset"), config, splits, get_world_size(), get_rank(),
                                              pin_memory=run.device.type == "cuda")
-    model = build_retrieval_model(config, config.get("pretrained") or None).to(run.device)
+    model = create_model(config, "retrieval", checkpoint=config.get("pretrained") or None).to(run.device)
     print_model_summary(model, model.visual_encoder, config, args.flop_counter)
     if args.compile:
         compile_visual_encoder(model, run.device)

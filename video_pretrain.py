@@ -5,8 +5,9 @@ takes one batch of each. `pretrained:` in the config continues from a BLIP image
 checkpoint or a TESTA checkpoint. A checkpoint is written every epoch.
 """
 from configs.keys import ConfigError, value
-from data import create_loader, create_pretrain_dataset, create_sampler
-from models import build_pretrain_model
+from data.loader import create_loader, create_sampler
+from data.shards import create_pretrain_dataset
+from models import create_model
 from training.cli import build_arg_parser, setup_run
 from training.compile import compile_visual_encoder
 from configs.load import load_config
@@ -58,11 +59,11 @@ def main():
     datasets = [create_pretrain_dataset(name, data_config, get_rank(), get_world_size())
                 for name, data_config in zip(("pretrain", "pretrain_image"), data_configs)]
     batch_sizes = [value(data_config, "batch_size", "pre-training") for data_config in data_configs]
-    samplers = create_sampler(datasets, [True] * len(datasets), get_world_size(), get_rank(),
-                              value(config, "shuffle_seed"))
-    loaders = create_loader(datasets, samplers, batch_sizes, [value(config, "num_workers")] * len(datasets),
-                            [True] * len(datasets), [None] * len(datasets), pin_memory=run.device.type == "cuda")
-    model = build_pretrain_model(config, config.get("pretrained") or None).to(run.device)
+    seed, num_workers = value(config, "shuffle_seed"), value(config, "num_workers")
+    loaders = [create_loader(dataset, create_sampler(dataset, True, get_world_size(), get_rank(), seed), batch_size,
+                             num_workers, train=True, pin_memory=run.device.type == "cuda")
+               for dataset, batch_size in zip(datasets, batch_sizes)]
+    model = create_model(config, "pretrain", checkpoint=config.get("pretrained") or None).to(run.device)
     print_model_summary(model, model.visual_encoder, config, args.flop_counter)
     if args.compile:
         compile_visual_encoder(model, run.device)

@@ -3,30 +3,28 @@
 encoder and decoder, momentum copies) with its AdamW state, written by the trainer's own
 Checkpointer.save (torch.save to a temporary file, fsync, rename).
 
-    python benchmarks/bench_checkpoint_write.py --out benchmarks/results/checkpoint_write_cpu.json
+    python -m benchmarks.bench_checkpoint_write --out benchmarks/results/checkpoint_write_cpu.json
 
 The time is mostly the disk: run it with --dir on the file system the runs write to.
 """
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-from models import build_pretrain_model  # noqa: E402
-from training.checkpoints import Checkpointer  # noqa: E402
-from configs.load import load_config  # noqa: E402
-from training.optim import create_optimizer  # noqa: E402
-from runtime.precision import make_precision  # noqa: E402
+from benchmarks import common
+from models import create_model
+from training.checkpoints import Checkpointer
+from configs.load import load_config
+from training.optim import create_optimizer
+from runtime.precision import make_precision
 
 
 def model_with_optimizer_state(config_path: str):
     """The pre-training model and an AdamW that has taken one step (so it holds its two moments)."""
     config = load_config(config_path)
-    model = build_pretrain_model(config, None)
+    model = create_model(config, "pretrain")
     optimizer = create_optimizer(model, config)
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)

@@ -8,8 +8,8 @@ augmented) and the plain path (the published fine-tuning and evaluation: decoded
 single-threaded as inside a DataLoader worker. The transforms return uint8
 clips: the video encoder normalises them on its device.
 
-    python benchmarks/bench_data.py --out benchmarks/results/data_cpu.json
-    python benchmarks/bench_data.py --compressed --backends torchcodec,decord,pyav
+    python -m benchmarks.bench_data --out benchmarks/results/data_cpu.json
+    python -m benchmarks.bench_data --compressed --backends torchcodec,decord,pyav
 """
 import argparse
 import json
@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-from data.toy import write_mp4  # noqa: E402
-from data.transforms import EvalTransform, VideoTrainTransform  # noqa: E402
-from data.video import read_video, worker_init_fn  # noqa: E402
+from benchmarks import common
+from data.toy import write_mp4
+from data.transforms import EvalTransform, VideoTrainTransform
+from data.video import read_video, worker_init_fn
 
 
 def make_long_clip(path, seconds, fps, width, height, seed):

@@ -7,7 +7,7 @@ tokens in and out. With --profile it also measures the share of the forward spen
 bookkeeping (sorting, top-k, gathers, scatters, indexing) with torch.profiler.
 
 Examples (CPU, the headline comparison of benchmarks/RESULTS.md):
-  python benchmarks/bench_encoder.py --frames 32 --merging off,on --precision fp32,bf16 \
+  python -m benchmarks.bench_encoder --frames 32 --merging off,on --precision fp32,bf16 \
       --profile --out benchmarks/results/encoder_cpu_f32.json
 """
 import os
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import common
+from benchmarks import common
 from utils import keep_freed_cpu_memory
 from models.timesformer import TimeSformer
 from models.timesformer_blocks import Attention

@@ -13,7 +13,7 @@ base 96-frame output shape (1 + 100*48 = 4801 tokens of width 768, the f96 sched
 computing them: what --low_resource_eval changes is where and in which dtype those cached tokens
 live, and encoding real 96-frame base videos on a CPU would take hours.
 
-  python benchmarks/bench_eval.py --sections throughput,rerank,full,low_resource \
+  python -m benchmarks.bench_eval --sections throughput,rerank,full,low_resource \
       --out benchmarks/results/eval_cpu.json
 """
 import contextlib
@@ -22,10 +22,10 @@ import os
 import torch
 from torch import nn
 
-import common
+from benchmarks import common
 from configs.load import load_config
 from utils import keep_freed_cpu_memory
-from models import build_retrieval_model
+from models import create_model
 from models.testa_retrieval import rerank_scores
 
 PUBLISHED_CHUNK = 16
@@ -38,7 +38,7 @@ F96_BASE_TOKENS, BASE_WIDTH = 1 + 48 * 100, 768
 def build_model(args, extra=()):
     config = load_config(os.path.join(common.REPO_ROOT, args.config), list(args.override) + list(extra))
     torch.manual_seed(0)
-    return build_retrieval_model(config).eval(), config
+    return create_model(config, "retrieval").eval(), config
 
 
 def fake_texts(count, seed):

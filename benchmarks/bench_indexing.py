@@ -10,27 +10,25 @@ a cheaper encoder makes the ratio harder to reach). Videos are 10 s, 30 fps, 320
 workers share the cores with the encoder, so the ratio there also says how little CPU time
 decoding takes next to encoding; on a GPU decoding has the CPU to itself.
 
-    python benchmarks/bench_indexing.py --out benchmarks/results/indexing_cpu.json
-    python benchmarks/bench_indexing.py --threads 1 --frames 8   # a core left to the decoding worker
+    python -m benchmarks.bench_indexing --out benchmarks/results/indexing_cpu.json
+    python -m benchmarks.bench_indexing --threads 1 --frames 8   # a core left to the decoding worker
 """
 import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common
-from bench_data import make_long_clip
+from benchmarks import common
+from benchmarks.bench_data import make_long_clip
 
 from inference.api import VideoFiles, VideoLanguageModel, collate_clips
 from inference.index import update_index
-from models import build_retrieval_model
+from models import create_model
 from configs.load import load_config
 
 CONFIG = common.REPO_ROOT + "/configs/retrieval_didemo_f32.yaml"
@@ -43,7 +41,7 @@ def indexing_model(folder: Path, frames: int, args) -> VideoLanguageModel:
                  f"testa_r={[1, 12] * args.depth}", f"med_config={TOY_TEXT}", f"num_workers={args.num_workers}"]
     config = load_config(CONFIG, overrides)
     checkpoint = folder / f"random_f{frames}.pth"
-    torch.save({"model": build_retrieval_model(config).state_dict()}, checkpoint)
+    torch.save({"model": create_model(config, "retrieval").state_dict()}, checkpoint)
     return VideoLanguageModel.load(config, checkpoint, args.device, args.precision)
 
 

@@ -2,7 +2,7 @@
 (`train_video_retrieval.py --evaluate`) once in fp32 and once per other precision, on the same
 checkpoint and data, and compares the saved test score matrices and metrics.
 
-  python benchmarks/bench_precision_ranking.py --config output/toy/retrieval/config.yaml \
+  python -m benchmarks.bench_precision_ranking --config output/toy/retrieval/config.yaml \
       --checkpoint output/toy/retrieval/checkpoint_best.pth --out benchmarks/results/ranking_bf16_cpu.json
 
 (`python run_toy.py` makes that checkpoint and the toy corpus.)
@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-import common
+from benchmarks import common
 
 METHODS = {'fp32': 'none', 'bf16': 'bf16', 'fp16': 'fp16'}
 

@@ -14,15 +14,15 @@ DataLoader worker:
   decode size, crop, RandAugment, normalise, collate into a shared-memory batch as a worker
   does), and the cost of each augmentation op.
 
-    python benchmarks/bench_readers.py --out benchmarks/results/readers_cpu.json
+    python -m benchmarks.bench_readers --out benchmarks/results/readers_cpu.json
 """
 import random
 from pathlib import Path
 
 import torch
 
-import common
-from bench_data import compress, make_long_clip
+from benchmarks import common
+from benchmarks.bench_data import compress, make_long_clip
 from data import video
 from data.transforms import AUGMENT_OPS, OP_PARAMETERS, VideoTrainTransform
 from models.pixels import normalize

@@ -4,22 +4,20 @@
 (BERT-base, 12 layers) text encoder against the 1,041 tokens a 224 px 32-frame video keeps.
 Text encoding of the query and reading the index are not included.
 
-    python benchmarks/bench_search.py --out benchmarks/results/search_cpu.json
+    python -m benchmarks.bench_search --out benchmarks/results/search_cpu.json
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common
+from benchmarks import common
 
 from inference.api import itc_shortlist
-from models import build_retrieval_model
+from models import create_model
 from models.testa_retrieval import rerank_scores
 from configs.load import load_config
 
@@ -39,7 +37,7 @@ def itc_latency_ms(num_videos: int, embed_dim: int, k: int, device, runs: int, w
 def rerank_latency_ms(config_path: str, overrides: list, tokens_per_video, candidates: int, device, runs: int,
                       warmup: int) -> tuple[dict, list]:
     config = load_config(Path(common.REPO_ROOT) / config_path, overrides)
-    model = build_retrieval_model(config).to(device).eval()
+    model = create_model(config, "retrieval").to(device).eval()
     if tokens_per_video is None:  # what this config's encoder keeps (the toy's own size)
         frames, size = config["num_frm_test"], config["image_size"]
         tokens_per_video = model.visual_encoder(torch.zeros(1, 3, frames, size, size, device=device)).shape[1]

@@ -7,26 +7,24 @@ with data.pack_shards, then one epoch is loaded with 1 and 2 workers from the sh
 (ShardedPretrainDataset) and from the files (PretrainDataset), in the training
 configuration (batch of 4, every worker single-threaded).
 
-    python benchmarks/bench_shards.py --out benchmarks/results/shards_cpu.json
+    python -m benchmarks.bench_shards --out benchmarks/results/shards_cpu.json
 """
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-from bench_data import make_long_clip  # noqa: E402
-from data.datasets import PretrainDataset  # noqa: E402
-from data.loader import create_loader, create_sampler  # noqa: E402
-from data.pack_shards import pack  # noqa: E402
-from data.shards import ShardedPretrainDataset  # noqa: E402
-from data.toy import write_corpus  # noqa: E402
-from configs.load import load_config  # noqa: E402
+from benchmarks import common
+from benchmarks.bench_data import make_long_clip
+from data.datasets import PretrainDataset
+from data.loader import create_loader, create_sampler
+from data.pack_shards import pack
+from data.shards import ShardedPretrainDataset
+from data.toy import write_corpus
+from configs.load import load_config
 
 BATCH_SIZE = 4
 
@@ -52,8 +50,8 @@ def real_size_corpus(folder, clips, seconds):
 
 def epoch_rate(dataset, workers):
     """(clips, seconds) of one epoch, loader start-up included."""
-    [sampler] = create_sampler([dataset], [True], 1, 0)
-    [loader] = create_loader([dataset], [sampler], [BATCH_SIZE], [workers], [True], [None], pin_memory=False)
+    sampler = create_sampler(dataset, True, 1, 0)
+    loader = create_loader(dataset, sampler, BATCH_SIZE, workers, train=True, pin_memory=False)
     began = time.perf_counter()
     clips = sum(len(captions) for _, captions in loader)
     return clips, time.perf_counter() - began

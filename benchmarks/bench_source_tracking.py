@@ -16,7 +16,7 @@ dispatches (TorchDispatchMode): "off" dispatching exactly the baseline's op sequ
 does no extra work (no source tensor allocated, nothing moved), whatever the timing noise.
 
 Example (about 2 minutes on 2 CPU cores):
-  python benchmarks/bench_source_tracking.py --frames 8,32 --out benchmarks/results/source_tracking_cpu.json
+  python -m benchmarks.bench_source_tracking --frames 8,32 --out benchmarks/results/source_tracking_cpu.json
 """
 import importlib
 import io
@@ -26,7 +26,7 @@ import sys
 import tarfile
 import tempfile
 
-import common
+from benchmarks import common
 import torch
 
 from models.timesformer import build_video_encoder

@@ -6,16 +6,16 @@ before each configuration). The RSS includes the weights, momentum copies and Ad
 the CPU rows also report the peak above the RSS just before the measured steps: the memory the
 step itself needs (activations, gradients), which is what checkpointing changes.
 
-  python benchmarks/bench_train_step.py --preset toy --out benchmarks/results/train_toy_cpu.json
-  python benchmarks/bench_train_step.py --preset base --frames 32 --precision bf16 --runs 1
+  python -m benchmarks.bench_train_step --preset toy --out benchmarks/results/train_toy_cpu.json
+  python -m benchmarks.bench_train_step --preset base --frames 32 --precision bf16 --runs 1
 """
 import os
 
 import torch
 
-import common
+from benchmarks import common
 from configs.load import load_config
-from models import build_retrieval_model
+from models import create_model
 
 PRESETS = {
     'toy': ('configs/toy/retrieval.yaml', {}),
@@ -64,7 +64,7 @@ def train_step_closure(model, optimizer, video, texts, idx, device, precision):
 def run_config(args, device, frames, checkpointing, precision):
     config = build_config(args.preset, frames, checkpointing, args.override)
     torch.manual_seed(0)
-    model = build_retrieval_model(config).to(device).train()
+    model = create_model(config, "retrieval").to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
     generator = torch.Generator().manual_seed(0)
     video = torch.randn(args.batch, 3, frames, config['image_size'], config['image_size'],

@@ -24,8 +24,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -141,14 +139,15 @@ def _read_status_kib(field):
 
 
 def return_freed_memory_to_os():
-    """Re-run this script with glibc's mmap threshold fixed at 64 KiB, unless already so.
+    """Re-run this benchmark (its command line as given: python -m benchmarks.X ...) with glibc's
+    mmap threshold fixed at 64 KiB, unless already so.
 
     By default glibc raises its threshold after large frees and keeps freed tensors in the heap,
     so the RSS would still hold a previous step's activations and peak RSS would under-report a
     later step. With a fixed threshold every tensor is its own mapping, returned on free."""
     if os.environ.get('MALLOC_MMAP_THRESHOLD_') != '65536':
         os.environ['MALLOC_MMAP_THRESHOLD_'] = '65536'
-        os.execv(sys.executable, [sys.executable] + sys.argv)
+        os.execv(sys.executable, sys.orig_argv)
 
 
 def reset_peak_memory(device):
@@ -197,7 +196,7 @@ def machine_info(device):
         'torch': torch.__version__,
         'python': platform.python_version(),
         'device': str(device),
-        'command': ' '.join([os.path.basename(sys.executable)] + sys.argv),
+        'command': ' '.join([os.path.basename(sys.executable)] + sys.orig_argv[1:]),
         'load_average_1_5_15min': [round(value, 2) for value in os.getloadavg()],
     }
     if device.type == 'cuda':

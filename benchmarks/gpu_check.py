@@ -6,8 +6,8 @@ JSON is rewritten after every section, so a run cut off by its time limit keeps 
 torch.compile runs in a child process with a timeout, so a slow or hanging compile costs at most
 --compile_timeout_s. Sections past --budget_s are recorded as skipped.
 
-  PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out_dir "$OUT"      # on the GPU machine
-  python benchmarks/gpu_check.py --smoke --device cpu --out_dir /tmp/gpu_check_smoke   # CPU check
+  PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu_check --out_dir "$OUT"      # on the GPU machine
+  python -m benchmarks.gpu_check --smoke --device cpu --out_dir /tmp/gpu_check_smoke   # CPU check
 
 Comparison target: the best configuration >= 1.3x the clips/s of the eager fp16
 math-attention path (autocast fp16, sdpa_kernel(MATH)).
@@ -21,9 +21,9 @@ import time
 
 import torch
 
-import common
-from bench_encoder import BASE_WIDTH, build_encoder, make_video
-from gpu_harness import BACKENDS, Report, attention_ops, forward_closure, free_memory, measure
+from benchmarks import common
+from benchmarks.bench_encoder import BASE_WIDTH, build_encoder, make_video
+from benchmarks.gpu_harness import BACKENDS, Report, attention_ops, forward_closure, free_memory, measure
 
 SMOKE_WIDTH = dict(embed_dim=64, depth=2, num_heads=2, img_size=32, patch_size=16)
 
@@ -136,7 +136,7 @@ def section_compile(report, args, device):
         if entry is None:
             return
         result_path = os.path.join(args.out_dir, 'gpu_check_compile.json')
-        command = [sys.executable, os.path.abspath(__file__), '--compile_worker', '--device', args.device,
+        command = [sys.executable, '-m', 'benchmarks.gpu_check', '--compile_worker', '--device', args.device,
                    '--out_dir', args.out_dir, '--frames', str(args.frames), '--mid_batch', str(args.mid_batch),
                    '--runs', str(args.runs), '--warmup', str(args.warmup)] + (['--smoke'] if args.smoke else [])
         try:

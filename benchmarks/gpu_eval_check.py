@@ -6,25 +6,24 @@ once per precision, and compares the score matrices and metrics with the origina
 were computed on a CPU in fp32). Also checks beam-search captions and answers against the
 generation references on that device. Writes one JSON with every difference and timing.
 
-  PYTHONUNBUFFERED=1 python3 benchmarks/gpu_eval_check.py --out "$OUT/gpu_eval_check.json"   # on a GPU
-  python benchmarks/gpu_eval_check.py --device cpu --precisions none --formats didemo --out /tmp/check.json
+  PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu_eval_check --out "$OUT/gpu_eval_check.json"   # on a GPU
+  python -m benchmarks.gpu_eval_check --device cpu --precisions none --formats didemo --out /tmp/check.json
 """
 import argparse
 import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from tests.helpers import (E2E, E2E_FORMATS, E2E_METRIC_NAMES, FIXTURES, e2e_evaluate_command, fixture_config,
+                           load_exact)
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from tests.helpers import (E2E, E2E_FORMATS, E2E_METRIC_NAMES, FIXTURES, e2e_evaluate_command,  # noqa: E402
-                           fixture_config, load_exact)
 
 
 def evaluate(fmt, precision, device, output_dir):
@@ -54,12 +53,12 @@ def compare(fmt, scores, metrics):
 @torch.no_grad()
 def generation(device):
     """Beam-search ids on `device` against the original's (CPU, fp32) references."""
-    from models import build_pretrain_model, build_qa_model
+    from models import create_model
     rows = {}
-    for name, build, call, key in (("pretrain", build_pretrain_model, "generate_caption_ids", "generated_caption_ids"),
-                                   ("vqa", build_qa_model, "generate_answer_ids", "generated_answer_ids")):
+    for name, task, call, key in (("pretrain", "pretrain", "generate_caption_ids", "generated_caption_ids"),
+                                   ("vqa", "qa", "generate_answer_ids", "generated_answer_ids")):
         ref = torch.load(FIXTURES / f"{name}_ref.pt", weights_only=True)
-        model = load_exact(build(fixture_config(name)), FIXTURES / f"{name}.pth").to(device)
+        model = load_exact(create_model(fixture_config(name), task), FIXTURES / f"{name}.pth").to(device)
         video = ref["video"].to(device)
         if name == "pretrain":
             ids = model.generate_caption_ids(video, num_beams=3, max_length=20, min_length=5)

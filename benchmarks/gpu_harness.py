@@ -10,7 +10,7 @@ import traceback
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import common
+from benchmarks import common
 
 BACKENDS = {'math': SDPBackend.MATH, 'efficient': SDPBackend.EFFICIENT_ATTENTION,
             'flash': SDPBackend.FLASH_ATTENTION, 'cudnn': SDPBackend.CUDNN_ATTENTION}

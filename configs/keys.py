@@ -44,6 +44,7 @@ class ConfigKey:
     # The values accepted beyond the type; a list value's entries are checked one by one.
     minimum: float | None = None
     maximum: float | None = None
+    greater_than: float | None = None  # an exclusive minimum
     choices: tuple | None = None
     multiple_of: str | None = None  # another key whose value divides this one's
     entry_types: tuple | None = None  # a list value: the types of its entries
@@ -174,6 +175,16 @@ CONFIG_KEYS: dict[str, ConfigKey] = {key.name: key for key in [
     _key("seed", int, 42, "optimisation", "random seed (each process adds its rank)"),
     _key("shuffle_seed", int, 0, "optimisation",
          "seed of the training sampler's shuffle (with the epoch); the original used 0 whatever `seed` said"),
+    _key("mixed_precision_method", str, "none", "optimisation",
+         "`apex`/`fp16`: fp16 autocast with gradient scaling on CUDA; `bf16`: bf16 autocast; `none`: fp32. On CPU "
+         "the three run bf16 autocast where bf16 is native (docs/training.md); flag `--mixed_precision_method`",
+         choices=("apex", "fp16", "bf16", "none")),
+    _key("accumulation_steps", int, 1, "optimisation",
+         "micro-batches per optimiser step (the loss is divided accordingly); flag `--accumulation_steps`",
+         **POSITIVE),
+    _key("max_grad_norm", _NUMBER, None, "optimisation",
+         "clip the gradient norm to this (unscaled first under AMP); unset: no clipping; flag `--max_grad_norm`",
+         greater_than=0),
     # evaluation
     _key("k_test", int, REQUIRED, "evaluation", "retrieval: candidates re-ranked by ITM per query; "
                                                "QA: answers re-ranked per question", **POSITIVE, tasks=FINE_TUNING),
@@ -242,6 +253,8 @@ def _broken_rule(key: ConfigKey, given) -> str | None:
         return "a finite number"
     if key.minimum is not None and given < key.minimum:
         return f">= {key.minimum}"
+    if key.greater_than is not None and given <= key.greater_than:
+        return f"> {key.greater_than}"
     if key.maximum is not None and given > key.maximum:
         return f"<= {key.maximum}"
     if key.choices is not None and given not in key.choices:

@@ -83,11 +83,20 @@ def config_warnings(config: dict) -> list[str]:
     return messages
 
 
-def save_config(config: dict, output_dir) -> Path:
-    """Write the resolved config to output_dir/config.yaml (main rank only)."""
+def save_config(config: dict, output_dir, provenance: dict | None = None) -> Path:
+    """Write the resolved config to output_dir/config.yaml (main rank only), with `provenance`
+    (runtime.provenance) as YAML comment lines on top: the file loads as the config alone, and
+    the comments, their `# ` taken off, load as {'provenance': ...}."""
     target = Path(output_dir) / "config.yaml"
     if is_main_process():
         stream = io.StringIO()
+        if provenance is not None:
+            record, block_style = io.StringIO(), YAML(typ="safe")
+            block_style.default_flow_style = False
+            block_style.dump({"provenance": provenance}, record)
+            first, *rest = record.getvalue().splitlines()
+            stream.write(f"# {first}  # the run that wrote this file (comments: no config keys)\n")
+            stream.writelines(f"# {line}\n" for line in rest)
         YAML(typ="safe").dump(config, stream)
         target.write_text(stream.getvalue())
     return target

@@ -19,22 +19,16 @@ class EvalShardSampler(Sampler):
         return len(self.indices)
 
 
-def create_sampler(datasets, shuffles, num_tasks, global_rank, seed=0, batch_sizes=None):
-    """Training (shuffle=True): DistributedSampler reshuffled per epoch from seed + epoch
-    (the loop calls sampler.set_epoch(epoch)). Evaluation: EvalShardSampler in whole batches
-    of `batch_sizes` (one per dataset; default 1). Streamed (iterable) datasets split and
+def create_sampler(dataset, shuffle, num_tasks, global_rank, seed=0, batch_size=1):
+    """The sampler of one dataset. Training (shuffle=True): DistributedSampler reshuffled per
+    epoch from seed + epoch (the loop calls sampler.set_epoch(epoch)). Evaluation:
+    EvalShardSampler in whole batches of `batch_size`. Streamed (iterable) datasets split and
     shuffle themselves: None."""
-    batch_sizes = batch_sizes or [1] * len(datasets)
-    return [_sampler_of(dataset, shuffle, num_tasks, global_rank, seed, unit)
-            for dataset, shuffle, unit in zip(datasets, shuffles, batch_sizes)]
-
-
-def _sampler_of(dataset, shuffle, num_tasks, global_rank, seed, unit):
     if isinstance(dataset, IterableDataset):
         return None
     if shuffle:
         return DistributedSampler(dataset, num_replicas=num_tasks, rank=global_rank, shuffle=True, seed=seed)
-    return EvalShardSampler(dataset, num_tasks, global_rank, unit)
+    return EvalShardSampler(dataset, num_tasks, global_rank, batch_size)
 
 
 def vqa_collate_fn(batch):
@@ -50,18 +44,15 @@ def vqa_collate_fn(batch):
     return torch.stack(videos), questions, answers, torch.tensor(weights), counts
 
 
-def create_loader(datasets, samplers, batch_size, num_workers, is_trains, collate_fns, pin_memory=True):
-    """One DataLoader per dataset; training loaders drop the last partial batch. Workers
-    decode single-threaded (worker_init_fn) so num_workers processes share the CPU."""
-    loaders = []
-    for dataset, sampler, size, workers, is_train, collate_fn in zip(
-            datasets, samplers, batch_size, num_workers, is_trains, collate_fns):
-        loaders.append(DataLoader(
-            dataset, batch_size=size, num_workers=workers, pin_memory=pin_memory, sampler=sampler,
-            shuffle=is_train and sampler is None and not isinstance(dataset, IterableDataset),
-            collate_fn=collate_fn, drop_last=is_train,
-            worker_init_fn=worker_init_fn, persistent_workers=False))
-    return loaders
+def create_loader(dataset, sampler, batch_size, num_workers, train, collate_fn=None, pin_memory=True):
+    """The DataLoader of one dataset. A training loader (train=True) drops the last partial
+    batch, and shuffles when it has no sampler (unless the dataset is streamed). Workers decode
+    single-threaded (worker_init_fn) so num_workers processes share the CPU."""
+    return DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, sampler=sampler,
+        shuffle=train and sampler is None and not isinstance(dataset, IterableDataset),
+        collate_fn=collate_fn, drop_last=train,
+        worker_init_fn=worker_init_fn, persistent_workers=False)
 
 
 def create_split_loaders(name, config, splits, num_tasks, global_rank, train_collate_fn=None, pin_memory=True):
@@ -72,10 +63,14 @@ def create_split_loaders(name, config, splits, num_tasks, global_rank, train_col
     and the process rank (see ClipDataset)."""
     from .datasets import create_dataset
 
-    datasets = [create_dataset(name, config, split) for split in splits]
-    is_train = [split == "train" for split in splits]
-    batch_sizes = [value(config, "batch_size_train" if train else "batch_size_test", name) for train in is_train]
-    samplers = create_sampler(datasets, is_train, num_tasks, global_rank, value(config, "shuffle_seed"), batch_sizes)
-    loaders = create_loader(datasets, samplers, batch_sizes, [value(config, "num_workers")] * len(splits), is_train,
-                            [train_collate_fn if train else None for train in is_train], pin_memory)
-    return dict(zip(splits, datasets)), dict(zip(splits, loaders))
+    datasets = {split: create_dataset(name, config, split) for split in splits}
+    batch_sizes = {split: value(config, "batch_size_train" if split == "train" else "batch_size_test", name)
+                   for split in splits}
+    seed, num_workers = value(config, "shuffle_seed"), value(config, "num_workers")
+    loaders = {}
+    for split, dataset in datasets.items():
+        train = split == "train"
+        sampler = create_sampler(dataset, train, num_tasks, global_rank, seed, batch_sizes[split])
+        loaders[split] = create_loader(dataset, sampler, batch_sizes[split], num_workers, train,
+                                       collate_fn=train_collate_fn if train else None, pin_memory=pin_memory)
+    return datasets, loaders

@@ -14,7 +14,6 @@ and re-ranking is the evaluation's own code (models.testa_retrieval.rerank_score
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,60 +22,25 @@ import torch
 from torch.utils.data import DataLoader
 
 from configs.keys import check, value
-from data.datasets import RETRIEVAL_FORMATS, ClipDataset, encoder_layout
-from data.text import pre_caption, pre_question
-from data.video import VideoReadError, read_video, worker_init_fn
-from models import build_pretrain_model, build_qa_model, build_retrieval_model
-from models.checkpoint import (
-    CheckpointError,
-    check_recorded_settings,
-    checkpoint_family,
-    load_checkpoint,
-    read_checkpoint,
-    state_dict_of,
-    task_of,
-)
-from models.testa_retrieval import rerank_scores
 from configs.load import check_values_and_warn, load_config
+from data.datasets import RETRIEVAL_FORMATS, ClipDataset
+from data.preprocess import ClipPreprocess
+from data.text import pre_caption, pre_question
+from data.video import VideoReadError, worker_init_fn
+from models import create_model_and_transforms
+from models.checkpoint import CheckpointError, checkpoint_family, read_checkpoint, state_dict_of, task_of
+from models.testa_retrieval import rerank_scores
+from runtime.distributed import choose_device
 from runtime.errors import UserError
-from runtime.precision import native_cpu_bf16
+from runtime.precision import Precision, inference_precision
 
-BUILDERS = {"retrieval": build_retrieval_model, "QA": build_qa_model, "pre-training": build_pretrain_model}
+# The front door's name of the model of each checkpoint family (models.create_model_and_transforms).
+MODEL_TASKS = {"retrieval": "retrieval", "QA": "qa", "pre-training": "pretrain"}
 # The models a checkpoint of each task gives meaningful results as: a pre-training checkpoint
 # searches zero-shot as a retrieval model. Training may start a QA model from one as well
 # (docs/checkpoints.md, "Loading rules"), but that model has not learnt to answer.
 LOADABLE_AS = {"retrieval": ("retrieval",), "QA": ("QA",), "pre-training": ("pre-training", "retrieval")}
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_BATCH_SIZE = 8
-
-
-def choose_device(device=None) -> torch.device:
-    """The device named (checked to exist here), else CUDA where there is one, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; expected e.g. cpu, cuda or cuda:1") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device}: CUDA is not available on this machine; use cpu")
-    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
-        raise UserError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                        f"numbered from 0")
-    return chosen
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a precision name; None runs fp32. 'auto' picks bf16 where it is
-    native (CUDA with bf16, or a CPU with AVX512/AMX), fp16 on older CUDA, else fp32: emulated
-    bf16 on an AVX2-only CPU is far slower than fp32."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if device.type == "cpu" and native_cpu_bf16() else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class VideoFiles(ClipDataset):
@@ -146,10 +110,11 @@ def itc_shortlist(text_embedding: torch.Tensor, video_embeddings: np.ndarray, co
 class VideoLanguageModel:
     """A model of the family its checkpoint holds, in eval mode, with its config's decoding."""
 
-    def __init__(self, model, config: dict, checkpoint: Path, task: str, device: torch.device,
-                 dtype: torch.dtype | None):
-        self.model, self.config, self.checkpoint, self.task = model, config, checkpoint, task
-        self.device, self.dtype = device, dtype
+    def __init__(self, model, preprocess: ClipPreprocess, config: dict, checkpoint: Path, task: str,
+                 device: torch.device, precision: Precision):
+        self.model, self.preprocess, self.config, self.checkpoint, self.task = model, preprocess, config, checkpoint, task
+        self.device, self.precision = device, precision
+        self.autocast = precision.autocast
 
     @classmethod
     def load(cls, config, checkpoint, device=None, precision: str = "auto", overrides=(), task: str | None = None,
@@ -159,15 +124,15 @@ class VideoLanguageModel:
         refused before the model is built (one of another family would fail on its config's keys)
         in a line naming both families and `purpose`, what the model is for (e.g. 'caption')."""
         device = choose_device(device)
-        dtype = autocast_dtype(precision, device)
+        precision = inference_precision(precision, device)
         if isinstance(config, (str, Path)):
             config = load_config(config, overrides)
         else:  # e.g. the config an index stored: held to the same rules as a file
             config = dict(config)
             check(config, "the config")
             check_values_and_warn(config, lambda name: "the config")
-        stored = read_checkpoint(str(checkpoint))
-        state_dict = state_dict_of(stored, str(checkpoint))
+        # Its keys alone (the tensors mapped, not read) say which model it can be.
+        state_dict = state_dict_of(read_checkpoint(str(checkpoint), mmap=True), str(checkpoint))
         own_task = task_of(state_dict)
         if own_task not in LOADABLE_AS:
             raise CheckpointError(f"{checkpoint} is no retrieval, QA or pre-training checkpoint (it has neither an "
@@ -177,14 +142,9 @@ class VideoLanguageModel:
             needed = " or ".join(source for source, models in LOADABLE_AS.items() if task in models)
             raise CheckpointError(f"{purpose or f'a {task} model'} needs a {needed} checkpoint; {checkpoint} is a "
                                   f"{checkpoint_family(state_dict)} checkpoint")
-        model = BUILDERS[task](config)
-        check_recorded_settings(stored, str(checkpoint), model)  # a training checkpoint records its model's
-        load_checkpoint(model, state_dict, verbose=verbose)
-        model.to(device).eval()
-        return cls(model, config, Path(checkpoint), task, device, dtype)
-
-    def autocast(self):
-        return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
+        model, preprocess = create_model_and_transforms(config, MODEL_TASKS[task], checkpoint=str(checkpoint),
+                                                        device=device, verbose=verbose)
+        return cls(model.eval(), preprocess, config, Path(checkpoint), task, device, precision)
 
     def _require(self, tasks: tuple, action: str) -> None:
         if self.task not in tasks:
@@ -229,10 +189,8 @@ class VideoLanguageModel:
 
     def load_clip(self, path) -> Clip:
         """One video as the model sees it; an unreadable file raises VideoReadError."""
-        files = VideoFiles(self.config, [path])
-        frames = read_video(path, files.num_frm, files.strategy, files.decode_size)
-        tensor = encoder_layout(files.transform(frames)).unsqueeze(0)
-        return Clip(frames.permute(0, 2, 3, 1).numpy(), tensor)
+        frames, clip = self.preprocess.with_frames(path)
+        return Clip(frames.permute(0, 2, 3, 1).numpy(), clip.unsqueeze(0))
 
     # -- texts and search ---------------------------------------------------------------
     def clean_text(self, text: str) -> str:

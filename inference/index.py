@@ -402,7 +402,7 @@ def _update_locked(model, video_folder: Path, index_folder: Path, batch_size, nu
             unreadable += [{"path": path, **found[path], "reason": reason} for path, reason in failed.items()]
             manifest = {"format": FORMAT_VERSION, "root": str(video_folder), **current, "config": model.config,
                         "with_tokens": with_tokens,
-                        "precision": str(model.dtype or "fp32").replace("torch.", ""),
+                        "precision": str(model.precision.dtype or "fp32").replace("torch.", ""),
                         "num_frames": value(model.config, "num_frm_test"),
                         "sampling": value(model.config, "frm_sampling_strategy_test"),
                         "unreadable": sorted(unreadable, key=lambda entry: entry["path"])}

@@ -21,7 +21,6 @@ BLIP), except the short list in ``may_start_fresh`` of what legitimately starts 
 """
 from __future__ import annotations
 
-import math
 import re
 import zipfile
 from collections import OrderedDict
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.embedding_resize import resize_pos_embed, resize_time_embed
+from models.timesformer import adapt_encoder_checkpoint
 from runtime.errors import CheckpointError
 
 VISUAL_PREFIXES = ("visual_encoder.", "visual_encoder_m.")
@@ -274,7 +273,9 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model_state: dict[str,
     adapted = dict(state_dict)
     for prefix in VISUAL_PREFIXES:
         if prefix + "pos_embed" in model_state:
-            _adapt_visual_encoder(adapted, model_state, prefix, report)
+            changes = adapt_encoder_checkpoint(adapted, model_state, prefix)
+            report.resized += changes["resized"]
+            report.initialised_from_spatial += changes["initialised_from_spatial"]
     for key in [k for k in adapted if "queue" in k]:
         if key in model_state and (not keep_queues or adapted[key].shape != model_state[key].shape):
             del adapted[key]
@@ -282,46 +283,25 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model_state: dict[str,
     return adapted
 
 
-def _adapt_visual_encoder(sd: dict, model_state: dict, prefix: str, report: LoadReport) -> None:
-    key = prefix + "pos_embed"
-    if key in sd and sd[key].shape != model_state[key].shape:
-        new_grid = math.isqrt(model_state[key].shape[1] - 1)
-        old_grid = math.isqrt(sd[key].shape[1] - 1)
-        sd[key] = resize_pos_embed(sd[key], new_grid)
-        report.resized.append(f"{key} grid {old_grid}->{new_grid}")
-    key = prefix + "time_embed"
-    if key in sd and key in model_state and sd[key].shape != model_state[key].shape:
-        frames = model_state[key].shape[1]
-        report.resized.append(f"{key} frames {sd[key].shape[1]}->{frames}")
-        sd[key] = resize_time_embed(sd[key], frames)
-    for key in [k for k in sd if k.startswith(prefix) and k.endswith("temporal_scaling")]:
-        if key in model_state and sd[key].shape != model_state[key].shape:
-            frames = model_state[key].shape[1]
-            report.resized.append(f"{key} frames {sd[key].shape[1]}->{frames}")
-            sd[key] = resize_time_embed(sd[key], frames)
-    # An image checkpoint has no temporal attention: start it as the spatial one.
-    for key in [k for k in sd if k.startswith(prefix + "blocks.")]:
-        for spatial, temporal in ((".attn.", ".temporal_attn."), (".norm1.", ".temporal_norm1.")):
-            if spatial in key:
-                target = key.replace(spatial, temporal)
-                if target in model_state and target not in sd:
-                    sd[target] = sd[key].clone()
-                    report.initialised_from_spatial.append(target)
+def load_checkpoint(model: nn.Module, checkpoint, strict: bool = False, keep_queues: bool = True,
+                    verbose: bool = True, source: str | None = None) -> LoadReport:
+    """Load ``checkpoint`` into ``model``: a file path, a checkpoint read with read_checkpoint, or a
+    bare state dict. The model settings a checkpoint records must be the model's.
 
-
-def _read_fitting(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of a checkpoint file whose recorded model settings are the model's."""
-    checkpoint = read_checkpoint(path)
-    check_recorded_settings(checkpoint, path, model)
-    return state_dict_of(checkpoint, path)
-
-
-def load_checkpoint(model: nn.Module, checkpoint: str | dict, verbose: bool = True,
-                    keep_queues: bool = True) -> LoadReport:
-    """Load ``checkpoint`` (path or state dict) into ``model`` and print one readable summary.
-    ``keep_queues=False`` starts every feature queue fresh (see adapt_state_dict)."""
-    source = checkpoint if isinstance(checkpoint, str) else "state dict"
-    state_dict = _read_fitting(checkpoint, model) if isinstance(checkpoint, str) else checkpoint
+    strict: the file holds exactly the model's tensors (a run's own checkpoint, resumed or
+    re-read); otherwise it is adapted as the module docstring says (released and earlier-stage
+    checkpoints), and ``keep_queues=False`` starts every feature queue fresh (adapt_state_dict).
+    ``source`` names the checkpoint in messages (default: the path, or "state dict"). Prints
+    one readable summary when ``verbose``.
+    """
+    if isinstance(checkpoint, (str, Path)):
+        source = source or str(checkpoint)
+        checkpoint = read_checkpoint(checkpoint)
+    source = source or "state dict"
+    check_recorded_settings(checkpoint, source, model)
+    state_dict = state_dict_of(checkpoint, source)
+    if strict:
+        return _load_exact(model, state_dict, source)
     model_state = model.state_dict()
     report = LoadReport(family=checkpoint_family(state_dict))
     adapted = adapt_state_dict(state_dict, model_state, report, keep_queues)
@@ -349,3 +329,19 @@ def load_checkpoint(model: nn.Module, checkpoint: str | dict, verbose: bool = Tr
     if verbose:
         print(report.summary(source), flush=True)
     return report
+
+
+def _load_exact(model: nn.Module, state_dict: dict, source: str) -> LoadReport:
+    """Strict load that names missing/unexpected keys in one line instead of a traceback."""
+    family = checkpoint_family(state_dict)
+    what = f"checkpoint {source} (a {family} checkpoint) does not match this model"
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise CheckpointError(f"{what}: {' '.join(str(error).split())[:300]}") from None
+    if result.missing_keys or result.unexpected_keys:
+        def preview(keys):
+            return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+        raise CheckpointError(f"{what}: {len(result.missing_keys)} missing keys [{preview(result.missing_keys)}], "
+                              f"{len(result.unexpected_keys)} unexpected keys [{preview(result.unexpected_keys)}]")
+    return LoadReport(loaded=len(state_dict), family=family)

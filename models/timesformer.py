@@ -6,8 +6,10 @@ Token layout (divided space-time): one global [CLS] plus patch tokens held as a
 of frame t). Keeping [CLS] apart from the patches lets temporal attention read the
 patches without a copy and avoids re-concatenating the stream in every block.
 
-The blocks are in models/timesformer_blocks.py, the embedding resizing in models/embedding_resize.py.
+The blocks are in models/timesformer_blocks.py, the embedding resizing in models/embedding_resize.py;
+`adapt_encoder_checkpoint` fits another encoder's weights to this one (models/checkpoint.py loads).
 """
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -17,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from configs.keys import ConfigError, value
-from models.embedding_resize import resize_grid, resize_time_embed
+from models.embedding_resize import resize_grid, resize_pos_embed, resize_time_embed
 from models.pixels import normalize
 from models.schedule import ATTENTION_ALIASES, MERGING_TYPES, merge_schedule, warn_schedule_notes
 from models.timesformer_blocks import DividedSpaceTimeBlock, Tokens, VideoTokens, ViTBlock, layer_norm
@@ -273,3 +275,31 @@ def build_video_encoder(config: dict) -> TimeSformer:
         prop_attn=get("prop_attn"), grad_checkpointing=get("vit_grad_ckpt"), ckpt_layer=get("vit_ckpt_layer"),
         drop_path_rate=get("drop_path_rate"),
     )
+
+
+def adapt_encoder_checkpoint(state_dict: dict, model_state: dict, prefix: str = "") -> dict[str, list[str]]:
+    """Fit the video-encoder tensors of a checkpoint (keys under `prefix`) to the encoder whose
+    state is `model_state`, in `state_dict` itself: ``pos_embed`` resized over the patch grid,
+    ``time_embed`` and ``temporal_scaling`` along time, and an image checkpoint's missing temporal
+    attention started as each block's spatial one. Returns what changed, by kind."""
+    changes = {"resized": [], "initialised_from_spatial": []}
+    key = prefix + "pos_embed"
+    if key in state_dict and state_dict[key].shape != model_state[key].shape:
+        new_grid = math.isqrt(model_state[key].shape[1] - 1)
+        old_grid = math.isqrt(state_dict[key].shape[1] - 1)
+        state_dict[key] = resize_pos_embed(state_dict[key], new_grid)
+        changes["resized"].append(f"{key} grid {old_grid}->{new_grid}")
+    temporal = [prefix + "time_embed"] + [k for k in state_dict if k.startswith(prefix) and k.endswith("temporal_scaling")]
+    for key in temporal:
+        if key in state_dict and key in model_state and state_dict[key].shape != model_state[key].shape:
+            frames = model_state[key].shape[1]
+            changes["resized"].append(f"{key} frames {state_dict[key].shape[1]}->{frames}")
+            state_dict[key] = resize_time_embed(state_dict[key], frames)
+    for key in [k for k in state_dict if k.startswith(prefix + "blocks.")]:
+        for spatial, temporal_name in ((".attn.", ".temporal_attn."), (".norm1.", ".temporal_norm1.")):
+            if spatial in key:
+                target = key.replace(spatial, temporal_name)
+                if target in model_state and target not in state_dict:
+                    state_dict[target] = state_dict[key].clone()
+                    changes["initialised_from_spatial"].append(target)
+    return changes

@@ -129,6 +129,22 @@ def init_distributed(device: str, timeout_minutes: float = 30) -> torch.device:
     return compute_device
 
 
+def choose_device(device=None) -> torch.device:
+    """The device named (checked to exist here), else CUDA where there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; expected e.g. cpu, cuda or cuda:1") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device}: CUDA is not available on this machine; use cpu")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise UserError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0")
+    return chosen
+
+
 def gather_objects(obj) -> list:
     """Every rank's picklable `obj`, in rank order (a one-element list when not distributed)."""
     if get_world_size() == 1:

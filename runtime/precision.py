@@ -1,4 +1,5 @@
-"""--mixed_precision_method: autocast dtype and gradient scaler for a device."""
+"""Autocast dtype and gradient scaler for a device: training's --mixed_precision_method
+(make_precision) and the precision names of inference and the benchmarks (inference_precision)."""
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
@@ -8,6 +9,8 @@ import torch
 from runtime.errors import UserError
 
 _PRINTED: set[str] = set()  # warnings already printed by this process
+# The config key mixed_precision_method's values (configs/keys.py; --mixed_precision_method).
+PRECISION_METHODS = ("apex", "fp16", "bf16", "none")
 
 
 @dataclass
@@ -47,7 +50,7 @@ def _print_once(message: str) -> None:
 
 
 def make_precision(method: str, device, cpu_bf16_is_native: Callable[[], bool] = native_cpu_bf16) -> Precision:
-    """Map --mixed_precision_method to autocast dtype and scaler for `device`.
+    """Map mixed_precision_method to autocast dtype and scaler for `device`.
 
     On CPU every method but `none` means bf16 autocast (fp16 autocast is neither faster nor
     safe there), but only where the CPU has native bf16 (`cpu_bf16_is_native`, injectable for
@@ -55,7 +58,7 @@ def make_precision(method: str, device, cpu_bf16_is_native: Callable[[], bool] =
     explicit bf16 runs as asked with a warning.
     """
     device_type = torch.device(device).type
-    if method not in ("apex", "fp16", "bf16", "none"):
+    if method not in PRECISION_METHODS:
         raise UserError(f"unknown mixed precision method {method!r}; expected apex, fp16, bf16 or none")
     if method == "none":
         dtype = None
@@ -73,3 +76,24 @@ def make_precision(method: str, device, cpu_bf16_is_native: Callable[[], bool] =
                     "bf16 (no AVX512/AMX), and emulated bf16 is much slower than fp32")
     scaler = torch.amp.GradScaler(device_type, enabled=dtype is torch.float16)
     return Precision(method, device_type, dtype, scaler)
+
+
+# Inference and benchmark precision names: no gradients, so no scaling.
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def inference_precision(name: str, device, cpu_bf16_is_native: Callable[[], bool] = native_cpu_bf16) -> Precision:
+    """The autocast of a precision name; fp32 runs without. 'auto' picks bf16 where it is native
+    (CUDA with bf16, or a CPU with AVX512/AMX), fp16 on older CUDA, else fp32: emulated bf16 on
+    an AVX2-only CPU is far slower than fp32."""
+    if name not in INFERENCE_PRECISIONS:
+        raise UserError(f"unknown precision {name!r}; expected one of {', '.join(INFERENCE_PRECISIONS)}")
+    device = torch.device(device)
+    if name == "auto":
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.bfloat16 if device.type == "cpu" and cpu_bf16_is_native() else None
+    else:
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return Precision(name, device.type, dtype, torch.amp.GradScaler(device.type, enabled=False))

@@ -30,18 +30,18 @@ def _deterministic():
 @pytest.fixture(scope="module")
 def qa(fixtures_dir):
     """The QA fixture model (read-only use) and its reference outputs."""
-    from models import build_qa_model
+    from models import create_model
     from tests.helpers import fixture_config, load_exact
-    model = load_exact(build_qa_model(fixture_config("vqa")), fixtures_dir / "vqa.pth")
+    model = load_exact(create_model(fixture_config("vqa"), "qa"), fixtures_dir / "vqa.pth")
     return model, load_reference(fixtures_dir / "vqa_ref.pt")
 
 
 @pytest.fixture(scope="module")
 def pretrain(fixtures_dir):
     """The pre-training fixture model (read-only use) and its reference outputs."""
-    from models import build_pretrain_model
+    from models import create_model
     from tests.helpers import fixture_config, load_exact
-    model = load_exact(build_pretrain_model(fixture_config("pretrain")), fixtures_dir / "pretrain.pth")
+    model = load_exact(create_model(fixture_config("pretrain"), "pretrain"), fixtures_dir / "pretrain.pth")
     return model, load_reference(fixtures_dir / "pretrain_ref.pt")
 
 

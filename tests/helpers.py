@@ -61,10 +61,20 @@ def e2e_evaluate_command(fmt: str, output_dir, *options) -> list[str]:
             "--output_dir", str(output_dir), "--evaluate", "--num_workers", "0", *options, *overrides]
 
 
+def without(record: dict, *keys: str) -> dict:
+    return {key: value for key, value in record.items() if key not in keys}
+
+
+def log_records(out) -> list[dict]:
+    """output_dir/log.txt's lines without what the first line of each run (a resumed one too)
+    adds: its settings and provenance (training.cli.Run.record)."""
+    return [without(json.loads(line), "settings", "provenance") for line in (out / "log.txt").read_text().splitlines()]
+
+
 def training_outcome(out):
-    """What a finished training run leaves: log.txt, the last weights, and the test metrics
-    (without the tested checkpoint's path)."""
-    log = (out / "log.txt").read_text()
+    """What a finished training run leaves: log.txt (log_records), the last weights, and the
+    test metrics (without the tested checkpoint's path and the provenance: its git state may
+    change while tests run)."""
     weights = torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=True)["model"]
     result = json.loads((out / "test_results.txt").read_text().splitlines()[-1])
-    return log, weights, {key: value for key, value in result.items() if key != "checkpoint"}
+    return log_records(out), weights, without(result, "checkpoint", "provenance")

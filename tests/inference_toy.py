@@ -5,15 +5,13 @@ from pathlib import Path
 import torch
 
 from data.toy import write_corpus
-from models import build_pretrain_model, build_qa_model, build_retrieval_model
+from models import create_model
 from tests.helpers import REPO_ROOT
 from configs.load import load_config
 
 # A 2-block toy model (two testa_r entries per block), decoding in the test process.
 SMALL = ["depth=2", "testa_r=[1, 2, 1, 2]", "num_workers=0"]
-FAMILIES = {"retrieval": ("retrieval.yaml", build_retrieval_model),
-            "qa": ("qa.yaml", build_qa_model),
-            "pretrain": ("pretrain.yaml", build_pretrain_model)}
+FAMILIES = {"retrieval": "retrieval.yaml", "qa": "qa.yaml", "pretrain": "pretrain.yaml"}
 
 
 @dataclass
@@ -37,13 +35,13 @@ def make_toy_setup(folder: Path, num_clips: int = 8) -> ToySetup:
     overrides = SMALL + [f"video_root={corpus / 'videos'}", f"ann_root={corpus / 'ann'}",
                          "med_config=configs/toy/bert_toy.json"]  # as written in configs: relative to the repo
     configs, checkpoints = {}, {}
-    for seed, (family, (name, build)) in enumerate(FAMILIES.items()):
+    for seed, (family, name) in enumerate(FAMILIES.items()):
         configs[family] = REPO_ROOT / "configs" / "toy" / name
         torch.manual_seed(seed)
-        model = build(load_config(configs[family], overrides))
+        model = create_model(load_config(configs[family], overrides), family)
         checkpoints[family] = save_checkpoint(model, folder / f"{family}.pth")
         if family == "retrieval":
             torch.manual_seed(100)
-            other = build(load_config(configs[family], overrides))
+            other = create_model(load_config(configs[family], overrides), family)
             checkpoints["retrieval_other"] = save_checkpoint(other, folder / "retrieval_other.pth")
     return ToySetup(corpus, corpus / "videos", configs, overrides, checkpoints)

@@ -22,10 +22,11 @@ def free_port() -> int:
 
 
 def environment(**extra: str) -> dict:
-    """This environment without launcher variables, one thread per process, the repo importable."""
+    """This environment without launcher variables, one thread per process. The launched scripts
+    lie at the repository root, which Python puts first on their sys.path (under torchrun too)."""
     env = {name: text for name, text in os.environ.items()
            if name not in _LAUNCHER_VARIABLES and not name.startswith(("SLURM_", "TESTA_"))}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **extra}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
 def torchrun(script_args: list, nnodes: int, nproc_per_node: int, port: int, rdzv_id: str,

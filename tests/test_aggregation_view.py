@@ -139,13 +139,14 @@ def test_tracking_off_dispatches_the_plain_forward_ops_whatever_the_default():
         assert len(dispatched_ops(lambda: encoder.forward_with_trace(clip))) > len(traced)
 
 
+@pytest.mark.slow
 def test_source_tracking_benchmark_finds_the_off_path_unchanged(tmp_path):
     """The benchmark's A/B against the committed encoder, at a tiny size: tracking off dispatches
     exactly the committed forward's aten ops, tracking on dispatches more."""
     if subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], check=False, capture_output=True).returncode:
         pytest.skip("not a git checkout: the benchmark's baseline is a git revision")
     out = tmp_path / "result.json"
-    command = [sys.executable, "benchmarks/bench_source_tracking.py", "--device", "cpu", "--runs", "1",
+    command = [sys.executable, "-m", "benchmarks.bench_source_tracking", "--device", "cpu", "--runs", "1",
                "--warmup", "0", "--frames", "4", "--baseline_rev", "HEAD", "--out", str(out)]
     for override in ("image_size=32", "vision_width=32", "num_heads=2", "depth=2"):
         command += ["--override", override]

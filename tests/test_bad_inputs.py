@@ -19,18 +19,17 @@ CASES = all_cases()
 @pytest.fixture(scope="session")
 def shared(tmp_path_factory):
     """A toy corpus and toy-sized checkpoints of the three model families."""
-    from models import build_pretrain_model, build_qa_model, build_retrieval_model
+    from models import create_model
     from configs.load import load_config
     root = tmp_path_factory.mktemp("bad_inputs")
     corpus = root / "corpus"
     write_corpus(corpus, num_clips=16, frames=8, size=64, seed=0, num_images=2)
     checkpoints = {}
-    for family, builder in (("retrieval", build_retrieval_model), ("qa", build_qa_model),
-                            ("pretrain", build_pretrain_model)):
+    for family in ("retrieval", "qa", "pretrain"):
         config = load_config(REPO_ROOT / "configs" / "toy" / f"{family}.yaml", ["depth=2"])
         torch.manual_seed(0)
         checkpoints[family] = root / f"{family}.pth"
-        torch.save({"model": builder(config).state_dict()}, checkpoints[family])
+        torch.save({"model": create_model(config, family).state_dict()}, checkpoints[family])
     return corpus, checkpoints
 
 
@@ -40,6 +39,7 @@ def run(argv, timeout):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, case", CASES, ids=[f"{module}-{case.name}" for module, case in CASES])
 def test_bad_input(module, case, shared, tmp_path):
     workspace = Workspace(*shared, tmp_path)

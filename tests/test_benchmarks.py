@@ -11,16 +11,19 @@ import pytest
 
 from tests.helpers import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # starts processes or runs whole pipelines: not in make test-fast
 
-def run_benchmark(script, tmp_path, *args, timed=True):
-    """Run a benchmark script and return its JSON; ``timed`` scripts take the common timing flags."""
+
+def run_benchmark(module, tmp_path, *args, timed=True):
+    """Run a benchmark (python -m benchmarks.<module> from the repository root) and return its JSON;
+    ``timed`` ones take the common timing flags."""
     out = tmp_path / "result.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     timing = ["--device", "cpu", "--runs", "1"] if timed else []
-    result = subprocess.run([sys.executable, f"benchmarks/{script}", *timing, "--out", str(out), *map(str, args)],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", f"benchmarks.{module}", *timing, "--out", str(out), *map(str, args)]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return json.loads(out.read_text())
 
 
@@ -32,7 +35,7 @@ def by_section(payload):
 
 
 def test_evaluation_benchmark_sections(tmp_path):
-    payload = run_benchmark("bench_eval.py", tmp_path, "--sections", "throughput,rerank,full,shared_kv",
+    payload = run_benchmark("bench_eval", tmp_path, "--sections", "throughput,rerank,full,shared_kv",
                             "--throughput_videos", 4, "--throughput_pairs", 16, "--itm_batches", "4,8",
                             "--k_test", 4, "--k_test_batch_size", 8, "--rerank_n", 8, "--full_n", 8,
                             "--shared_kv_pairs", 2)
@@ -47,7 +50,7 @@ def test_evaluation_benchmark_sections(tmp_path):
 
 
 def test_low_resource_evaluation_benchmark_measures_both_paths(tmp_path):
-    payload = run_benchmark("bench_eval.py", tmp_path, "--sections", "low_resource", "--low_n", 4,
+    payload = run_benchmark("bench_eval", tmp_path, "--sections", "low_resource", "--low_n", 4,
                             "--low_k_test", 2, "--low_itm_batch", 2)
     default, low = payload["rows"]
     assert (default["low_resource_eval"], low["low_resource_eval"]) == (False, True)
@@ -57,7 +60,7 @@ def test_low_resource_evaluation_benchmark_measures_both_paths(tmp_path):
 
 
 def test_encoder_benchmark_rows_and_targets(tmp_path):
-    payload = run_benchmark("bench_encoder.py", tmp_path, "--width", 64, "--depth", 12, "--heads", 2,
+    payload = run_benchmark("bench_encoder", tmp_path, "--width", 64, "--depth", 12, "--heads", 2,
                             "--img_size", 32, "--patch_size", 16, "--frames", 8, "--warmup", 0, "--profile")
     rows = {(row["merging"], row["precision"]): row for row in payload["rows"]}
     assert set(rows) == {(merging, precision) for merging in ("off", "on") for precision in ("fp32", "bf16")}
@@ -69,14 +72,14 @@ def test_encoder_benchmark_rows_and_targets(tmp_path):
 
 
 def test_training_step_benchmark_with_and_without_checkpointing(tmp_path):
-    payload = run_benchmark("bench_train_step.py", tmp_path, "--preset", "toy", "--warmup", 0,
+    payload = run_benchmark("bench_train_step", tmp_path, "--preset", "toy", "--warmup", 0,
                             "--grad_ckpt", "off,on", "--override", "depth=2")
     assert [row["grad_ckpt"] for row in payload["rows"]] == ["off", "on"]
     assert all(row["peak_mib"] > 0 and row["median_s"] > 0 for row in payload["rows"])
 
 
 def test_data_benchmark_times_both_decoders_and_both_paths(tmp_path):
-    rows = run_benchmark("bench_data.py", tmp_path, "--clips", 1, "--repeats", 1, "--seconds", 2,
+    rows = run_benchmark("bench_data", tmp_path, "--clips", 1, "--repeats", 1, "--seconds", 2,
                          timed=False)["results"]
     assert {(row["backend"], row["mode"]) for row in rows} == {
         (backend, mode) for backend in ("decord", "pyav") for mode in ("augmented", "plain")}
@@ -84,7 +87,7 @@ def test_data_benchmark_times_both_decoders_and_both_paths(tmp_path):
 
 
 def test_gpu_eval_check_runs_on_the_cpu(tmp_path):
-    payload = run_benchmark("gpu_eval_check.py", tmp_path, "--device", "cpu", "--precisions", "none",
+    payload = run_benchmark("gpu_eval_check", tmp_path, "--device", "cpu", "--precisions", "none",
                             "--formats", "queryd", timed=False)
     run, = payload["runs"]
     assert run["metrics_equal"] and run["max_abs_diff_v2t"] < 1e-5

@@ -10,7 +10,7 @@ from ruamel.yaml import YAML
 from torch import nn
 
 from evaluation import evaluation_protocol
-from models import build_qa_model, build_retrieval_model
+from models import create_model
 from models.checkpoint import (CheckpointError, check_recorded_settings, load_checkpoint, model_settings,
                                read_checkpoint)
 from tests.helpers import REPO_ROOT
@@ -29,7 +29,7 @@ def toy_config(*overrides) -> dict:
 
 def toy_retrieval(*overrides):
     torch.manual_seed(0)
-    return build_retrieval_model(toy_config(*overrides))
+    return create_model(toy_config(*overrides), "retrieval")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_the_model_settings_are_what_shapes_the_weights(retrieval):
         "vision_width": 64, "depth": 2, "num_heads": 2, "patch_size": 16, "attention_type": "divided_space_time",
         "embed_dim": 256, "med_config.hidden_size": 64, "med_config.num_hidden_layers": 2,
         "med_config.num_attention_heads": 2, "med_config.intermediate_size": 256, "med_config.vocab_size": 30524}
-    qa = build_qa_model(load_config(REPO_ROOT / "configs" / "toy" / "qa.yaml", ["depth=1"]))
+    qa = create_model(load_config(REPO_ROOT / "configs" / "toy" / "qa.yaml", ["depth=1"]), "qa")
     assert model_settings(qa)["depth"] == 1 and "embed_dim" not in model_settings(qa)  # QA has no ITC projection
 
 

@@ -28,6 +28,7 @@ def training_losses(out) -> dict:
     return {name: loss for name, loss in record.items() if name.startswith("train_loss")}
 
 
+@pytest.mark.slow
 def test_compiled_run_has_the_eager_losses_and_checkpoint_keys(small_corpus, tmp_path):
     output = fine_tune(small_corpus, tmp_path / "compiled", "--compile")
     assert "the visual encoder is compiled by torch.compile (backend aot_eager)" in output

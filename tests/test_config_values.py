@@ -122,12 +122,14 @@ def test_the_enumerations_are_the_ones_the_code_acts_on():
     from evaluation.qa import INFERENCE_MODES
     from models.schedule import ATTENTION_ALIASES, MERGING_TYPES
     from models.timesformer import ATTENTION_TYPES
+    from runtime.precision import PRECISION_METHODS
     from training.optim import EXEMPTION_RULES
     acted_on = {"attention_type": {*ATTENTION_TYPES, *ATTENTION_ALIASES}, "merging_type": set(MERGING_TYPES),
                 "frm_sampling_strategy": set(STRATEGIES), "frm_sampling_strategy_test": set(STRATEGIES),
                 "tie_rule": set(TIE_RULES), "inference": set(INFERENCE_MODES),
                 "answer_candidates": set(ANSWER_CANDIDATE_RULES), "weight_decay_exempt": set(EXEMPTION_RULES),
-                "dataset": {*RETRIEVAL_FORMATS, "activitynet_qa"}, "vit": {"timesformer"}}
+                "dataset": {*RETRIEVAL_FORMATS, "activitynet_qa"}, "vit": {"timesformer"},
+                "mixed_precision_method": set(PRECISION_METHODS)}
     assert {name: set(key.choices) for name, key in CONFIG_KEYS.items() if key.choices} == acted_on
     assert set(FRAME_SAMPLING) == set(STRATEGIES)
 

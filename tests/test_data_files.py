@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from data import DATASETS, VideoReadError, create_dataset, create_loader, pre_caption, read_video, vqa_collate_fn
+from data.datasets import DATASETS, create_dataset
+from data.loader import create_loader, vqa_collate_fn
+from data.text import pre_caption
 from data.compress import main as compress_main
 from data.toy import main as toy_main
 from data.toy import COLORS, random_events, render_event, write_corpus, write_mp4
-from data.video import STRATEGIES
+from data.video import STRATEGIES, VideoReadError, read_video
 
 FRAMES, SIZE = 8, 32
 IMG = 28  # decord mis-sizes some small widths (16, 24, ...); these two it resizes to
@@ -252,7 +254,7 @@ def test_training_gives_up_after_bounded_tries(corpus, damaged):
 
 def test_bad_count_is_aggregated_over_loader_workers(corpus, damaged):
     dataset = create_dataset("retrieval_didemo", config_for(corpus, "retrieval_didemo", video_root=str(damaged)))
-    [loader] = create_loader([dataset], [None], [1], [2], [False], [None], pin_memory=False)
+    loader = create_loader(dataset, None, batch_size=1, num_workers=2, train=False, pin_memory=False)
     assert sum(1 for _ in loader) == 4
     assert dataset.bad_inputs.count() >= 3  # each broken item was tried at least once, in either worker
 
@@ -271,7 +273,8 @@ def test_evaluation_fails_with_the_path_or_substitutes_black(corpus, damaged):
 
 def test_qa_loader_with_collate(corpus):
     dataset = create_dataset("activitynet_qa", config_for(corpus, "activitynet_qa"))
-    [loader] = create_loader([dataset], [None], [3], [0], [True], [vqa_collate_fn], pin_memory=False)
+    loader = create_loader(dataset, None, batch_size=3, num_workers=0, train=True, collate_fn=vqa_collate_fn,
+                           pin_memory=False)
     videos, questions, answers, weights, counts = next(iter(loader))
     assert videos.shape == (3, 3, 4, IMG, IMG) and len(questions) == 3 and len(answers) == sum(counts) == 3
     assert weights.tolist() == pytest.approx([0.2, 0.2, 0.2])  # the original's answer weight

@@ -112,7 +112,7 @@ def test_eval_shards_are_disjoint_and_cover_the_dataset_in_order(num_items, worl
 
 def test_training_sampler_reshuffles_per_epoch_and_splits_ranks():
     data = list(range(40))
-    rank0, rank1 = create_sampler([data, data], [True, True], 2, 0)[0], create_sampler([data], [True], 2, 1)[0]
+    rank0, rank1 = create_sampler(data, True, 2, 0), create_sampler(data, True, 2, 1)
     rank0.set_epoch(0)
     rank1.set_epoch(0)
     epoch0 = list(rank0)
@@ -121,7 +121,7 @@ def test_training_sampler_reshuffles_per_epoch_and_splits_ranks():
     assert list(rank0) != epoch0
     rank0.set_epoch(0)
     assert list(rank0) == epoch0
-    assert isinstance(create_sampler([data], [False], 2, 0)[0], EvalShardSampler)
+    assert isinstance(create_sampler(data, False, 2, 0), EvalShardSampler)
 
 
 def test_normalize_uses_the_spec_mean_and_std():

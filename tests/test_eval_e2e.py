@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import create_dataset
+from data.datasets import create_dataset
 from models.pixels import normalize
 from data.video import sample_frame_indices
 from models.tokenizer import init_tokenizer
@@ -74,6 +74,7 @@ def evaluate_with_script(fmt, output_dir, *overrides):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("k_test, suffix", [(10, ""), (4, "_k4")])
 def test_script_scores_and_metrics_equal_the_original(fmt, k_test, suffix, tmp_path):

@@ -14,6 +14,8 @@ import torch
 from data.toy import write_corpus
 from tests.helpers import REPO_ROOT, training_outcome
 
+pytestmark = pytest.mark.slow  # starts processes or runs whole pipelines: not in make test-fast
+
 PROGRESS = re.compile(r"Train epoch: \[(\d+)\] \[\s*(\d+)/(\d+)\]")
 KILLS = 2
 

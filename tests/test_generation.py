@@ -4,11 +4,13 @@ The references (tests/fixtures) were produced by the original TESTA/BLIP code, w
 transformers' beam search. The weights are random, so the texts are random walks through the vocabulary;
 what matters is that every id, the padding and the decoded strings agree exactly.
 """
+import pytest
 import torch
 
 from models.decoding import BeamHypotheses, nucleus_filter
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_qa_generation_reproduces_the_original_answers(qa):
     model, ref = qa
@@ -19,6 +21,7 @@ def test_qa_generation_reproduces_the_original_answers(qa):
     assert model.generate_answers(ref["video"], ref["questions"]) == ref["generated_answers"]
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_pretrain_captioning_reproduces_the_original_captions(pretrain):
     model, ref = pretrain
@@ -61,6 +64,7 @@ def test_nucleus_filter_keeps_the_next_token_when_the_top_ones_sum_exactly_to_to
     assert kept.tolist() == [[True, True, False, True]]
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_caption_sampling_uses_blips_repetition_penalty(pretrain):
     model, ref = pretrain

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from data.datasets import create_dataset
-from inference.api import VideoLanguageModel, autocast_dtype
+from inference.api import VideoLanguageModel
+from runtime.precision import inference_precision
 from inference.index import VideoIndex, update_index
 from models.testa_retrieval import rerank_scores
 from tests.inference_toy import make_toy_setup
@@ -27,6 +28,7 @@ def retrieval(toy):
     return load(toy, "retrieval")
 
 
+@pytest.mark.slow
 def test_encode_videos_equals_the_retrieval_evaluation(toy, retrieval):
     dataset = create_dataset("retrieval_didemo", load_config(toy.configs["retrieval"], toy.overrides), split="test")
     encoding = retrieval.encode_videos(dataset.video, batch_size=2)
@@ -39,6 +41,7 @@ def test_encode_videos_equals_the_retrieval_evaluation(toy, retrieval):
     torch.testing.assert_close(encoding.embeddings.norm(dim=1), torch.ones(len(dataset)))
 
 
+@pytest.mark.slow
 def test_unreadable_files_are_reported_not_fatal(toy, retrieval, tmp_path):
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video at all" * 100)
@@ -50,6 +53,7 @@ def test_unreadable_files_are_reported_not_fatal(toy, retrieval, tmp_path):
     assert encoding.tokens.shape[0] == 2 == encoding.embeddings.shape[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_tokens", [False, True])
 def test_search_ranks_by_the_evaluation_rerank_scores(toy, retrieval, tmp_path, with_tokens):
     update_index(retrieval, toy.videos, tmp_path / "index", num_workers=0, with_tokens=with_tokens)
@@ -80,6 +84,7 @@ def test_search_without_rerank_is_itc_order(toy, retrieval, tmp_path):
     assert [hit.itc_score for hit in hits] == sorted((hit.itc_score for hit in hits), reverse=True)
 
 
+@pytest.mark.slow
 def test_ask_ranks_as_the_qa_evaluation_and_generates(toy):
     qa = load(toy, "qa")
     dataset = create_dataset("activitynet_qa", load_config(toy.configs["qa"], toy.overrides), split="test")
@@ -92,6 +97,7 @@ def test_ask_ranks_as_the_qa_evaluation_and_generates(toy):
     assert isinstance(generated, str) and generated == qa.ask(video, question)
 
 
+@pytest.mark.slow
 def test_caption_is_deterministic_given_a_seed(toy):
     pretrain = load(toy, "pretrain")
     video = min(toy.videos.glob("*.mp4"))
@@ -110,6 +116,7 @@ def test_wrong_family_is_one_clear_error(toy, retrieval):
         retrieval.caption(video)
 
 
+@pytest.mark.slow
 def test_pretraining_checkpoint_searches_as_retrieval_model(toy):
     """Zero-shot search: a pre-training checkpoint loads into a retrieval model, same video embedding."""
     as_retrieval = load(toy, "pretrain", task="retrieval")
@@ -125,7 +132,11 @@ def test_load_clip_gives_frames_and_encoder_input(retrieval, toy):
 
 
 def test_precision_choice():
-    assert autocast_dtype("fp32", torch.device("cpu")) is None
-    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert inference_precision("fp32", "cpu").dtype is None
+    assert inference_precision("bf16", "cpu").dtype is torch.bfloat16
+    # auto: bf16 only where the CPU runs it natively (emulated bf16 is far slower than fp32)
+    assert inference_precision("auto", "cpu", cpu_bf16_is_native=lambda: True).dtype is torch.bfloat16
+    assert inference_precision("auto", "cpu", cpu_bf16_is_native=lambda: False).dtype is None
+    assert not inference_precision("fp16", "cpu").scaler.is_enabled()  # no gradients, no scaling
     with pytest.raises(UserError, match="unknown precision"):
-        autocast_dtype("fp8", torch.device("cpu"))
+        inference_precision("fp8", "cpu")

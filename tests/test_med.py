@@ -211,6 +211,7 @@ def test_cached_greedy_generation_equals_full_recomputation(decoder_and_states):
     assert torch.equal(cached, ids)
 
 
+@pytest.mark.slow
 def test_beam_search_lengths_and_per_beam_states(decoder_and_states):
     decoder, states = decoder_and_states
     prompt = torch.tensor([[1], [1]])

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from models import build_retrieval_model
+from models import create_model
 from models.checkpoint import CheckpointError, load_checkpoint
 from tests.conftest import load_reference
 from tests.helpers import fixture_config
@@ -13,7 +13,7 @@ from tests.helpers import fixture_config
 @pytest.fixture()
 def fresh_retrieval():
     torch.manual_seed(0)
-    return build_retrieval_model(fixture_config("retrieval"))
+    return create_model(fixture_config("retrieval"), "retrieval")
 
 
 def test_blip_image_checkpoint_initialises_video_model(fixtures_dir, fresh_retrieval):
@@ -40,7 +40,7 @@ def test_blip_image_checkpoint_initialises_video_model(fixtures_dir, fresh_retri
 
 def test_queues_that_do_not_fit_are_reinitialised(fixtures_dir):
     config = {**fixture_config("retrieval"), "queue_size": 4}
-    model = build_retrieval_model(config)
+    model = create_model(config, "retrieval")
     before = model.image_queue.clone()
     report = load_checkpoint(model, str(fixtures_dir / "retrieval.pth"), verbose=False)
     assert "image_queue" in report.reinitialised and torch.equal(model.image_queue, before)
@@ -48,7 +48,7 @@ def test_queues_that_do_not_fit_are_reinitialised(fixtures_dir):
 
 def test_time_and_position_embeddings_are_resized(fixtures_dir):
     config = {**fixture_config("retrieval"), "num_frames": 4, "image_size": 96}
-    model = build_retrieval_model(config)
+    model = create_model(config, "retrieval")
     report = load_checkpoint(model, str(fixtures_dir / "retrieval.pth"), verbose=False)
     assert model.visual_encoder.time_embed.shape[1] == 4
     assert model.visual_encoder.pos_embed.shape[1] == 1 + 6 * 6
@@ -60,7 +60,7 @@ def test_time_and_position_embeddings_are_resized(fixtures_dir):
 
 def test_shape_mismatch_names_the_key(fixtures_dir, tmp_path):
     config = {**fixture_config("retrieval"), "vision_width": 64}
-    model = build_retrieval_model(config)
+    model = create_model(config, "retrieval")
     with pytest.raises(CheckpointError, match=r"visual_encoder\.cls_token"):
         load_checkpoint(model, str(fixtures_dir / "retrieval.pth"), verbose=False)
 
@@ -82,12 +82,11 @@ def test_summary_reports_ignored_modules_once(fixtures_dir, fresh_retrieval, cap
 
 # ---- checkpoint identity: a checkpoint must fit the model it is loaded into ---------------
 def _build(kind):
-    from models import build_pretrain_model, build_qa_model
-    builders = {"retrieval": (build_retrieval_model, "retrieval"), "qa": (build_qa_model, "vqa"),
-                "pretrain": (build_pretrain_model, "pretrain")}
-    builder, config = builders[kind]
+    from models import create_model
+    fixtures = {"retrieval": "retrieval", "qa": "vqa", "pretrain": "pretrain"}
+    config = fixtures[kind]
     torch.manual_seed(0)
-    return builder(fixture_config(config))
+    return create_model(fixture_config(config), kind)
 
 
 CHECKPOINTS = {"retrieval": "retrieval.pth", "vqa": "vqa.pth", "pretrain": "pretrain.pth",

@@ -5,26 +5,26 @@ from collections import defaultdict
 import pytest
 import torch
 
-from models import build_pretrain_model, build_qa_model, build_retrieval_model
+from models import create_model
 from tests.helpers import REPO_ROOT, read_yaml
 
 CASES = {
-    "testa_retrieval_queryd_f32": (build_retrieval_model, "retrieval_queryd_f32.yaml", {}),
-    "testa_retrieval_queryd_f32_lts": (build_retrieval_model, "retrieval_queryd_f32.yaml",
+    "testa_retrieval_queryd_f32": ("retrieval", "retrieval_queryd_f32.yaml", {}),
+    "testa_retrieval_queryd_f32_lts": ("retrieval", "retrieval_queryd_f32.yaml",
                                        {"learnable_temporal_scaling": True}),
-    "testa_retrieval_queryd_f32_space_only": (build_retrieval_model, "retrieval_queryd_f32.yaml",
+    "testa_retrieval_queryd_f32_space_only": ("retrieval", "retrieval_queryd_f32.yaml",
                                               {"attention_type": "space_only"}),
-    "testa_retrieval_queryd_f32_nomerge": (build_retrieval_model, "retrieval_queryd_f32.yaml",
+    "testa_retrieval_queryd_f32_nomerge": ("retrieval", "retrieval_queryd_f32.yaml",
                                            {"token_merging": False}),
-    "testa_vqa_activitynet_f32": (build_qa_model, "vqa_activitynet.yaml", {}),
-    "testa_vqa_activitynet_f32_lts": (build_qa_model, "vqa_activitynet.yaml", {"learnable_temporal_scaling": True}),
-    "testa_vqa_activitynet_f32_space_only": (build_qa_model, "vqa_activitynet.yaml", {"attention_type": "space_only"}),
-    "blip_pretrain_timesformer": (build_pretrain_model, "pretrain_timesformer.yaml", {}),
-    "blip_pretrain_timesformer_nolts": (build_pretrain_model, "pretrain_timesformer.yaml",
+    "testa_vqa_activitynet_f32": ("qa", "vqa_activitynet.yaml", {}),
+    "testa_vqa_activitynet_f32_lts": ("qa", "vqa_activitynet.yaml", {"learnable_temporal_scaling": True}),
+    "testa_vqa_activitynet_f32_space_only": ("qa", "vqa_activitynet.yaml", {"attention_type": "space_only"}),
+    "blip_pretrain_timesformer": ("pretrain", "pretrain_timesformer.yaml", {}),
+    "blip_pretrain_timesformer_nolts": ("pretrain", "pretrain_timesformer.yaml",
                                         {"learnable_temporal_scaling": False}),
-    "blip_pretrain_timesformer_space_only": (build_pretrain_model, "pretrain_timesformer.yaml",
+    "blip_pretrain_timesformer_space_only": ("pretrain", "pretrain_timesformer.yaml",
                                              {"attention_type": "space_only"}),
-    "blip_pretrain_timesformer_from_blip": (build_pretrain_model, "pretrain_timesformer_from_blip.yaml", {}),
+    "blip_pretrain_timesformer_from_blip": ("pretrain", "pretrain_timesformer_from_blip.yaml", {}),
 }
 
 
@@ -44,10 +44,10 @@ def read_contract(keys_dir, stem):
 
 @pytest.mark.parametrize("stem", sorted(CASES))
 def test_state_dict_matches_released_keys(keys_dir, stem):
-    builder, config_file, overrides = CASES[stem]
+    task, config_file, overrides = CASES[stem]
     config = {**read_yaml(REPO_ROOT / "configs" / config_file), **overrides}
     with torch.device("meta"):
-        model = builder(config)  # `pretrained` is only read by the scripts
+        model = create_model(config, task)  # `pretrained` is only read by the scripts
     state = model.state_dict(keep_vars=True)
     actual = [(name, list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in state.items()]
     expected, expected_tied = read_contract(keys_dir, stem)

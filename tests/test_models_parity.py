@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from models import build_pretrain_model, build_retrieval_model
+from models import create_model
 from models.testa_retrieval import rerank_scores
 from tests.conftest import load_reference
 from tests.helpers import load_exact, fixture_config
@@ -14,14 +14,14 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def retrieval(fixtures_dir):
-    model = load_exact(build_retrieval_model(fixture_config("retrieval")), fixtures_dir / "retrieval.pth")
+    model = load_exact(create_model(fixture_config("retrieval"), "retrieval"), fixtures_dir / "retrieval.pth")
     return model, load_reference(fixtures_dir / "retrieval_ref.pt")
 
 
 @pytest.mark.parametrize("variant", ["retrieval", "retrieval_nomerge"])
 @torch.no_grad()
 def test_retrieval_features_and_itm_scores(fixtures_dir, variant):
-    model = load_exact(build_retrieval_model(fixture_config(variant)), fixtures_dir / f"{variant}.pth")
+    model = load_exact(create_model(fixture_config(variant), "retrieval"), fixtures_dir / f"{variant}.pth")
     ref = load_reference(fixtures_dir / f"{variant}_ref.pt")
     tokens, video_embed = model.encode_video(ref["video"])
     input_ids, attention_mask = model.tokenize(ref["captions"])
@@ -75,7 +75,7 @@ def test_qa_training_loss_matches(qa):
 
 @torch.no_grad()
 def test_pretrain_features_and_losses(fixtures_dir):
-    model = load_exact(build_pretrain_model(fixture_config("pretrain")), fixtures_dir / "pretrain.pth")
+    model = load_exact(create_model(fixture_config("pretrain"), "pretrain"), fixtures_dir / "pretrain.pth")
     ref = load_reference(fixtures_dir / "pretrain_ref.pt")
     tokens, image_feat = model.encode_video(ref["video"])
     torch.testing.assert_close(image_feat, ref["image_feat"], atol=ATOL, rtol=0)

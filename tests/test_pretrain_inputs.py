@@ -23,10 +23,12 @@ from ruamel.yaml import YAML
 from torchvision.transforms import InterpolationMode
 
 from configs.keys import value
-from data import create_dataset, create_pretrain_dataset, pre_caption, sample_frame_indices
+from data.datasets import create_dataset
+from data.shards import create_pretrain_dataset
+from data.text import pre_caption
 from data.toy import render_event, write_corpus
 from data.transforms import VIDEO_OPS, ImageTrainTransform, VideoTrainTransform, apply_plan
-from data.video import READER_VARIABLE
+from data.video import READER_VARIABLE, sample_frame_indices
 from tests.helpers import REPO_ROOT
 from configs.load import load_config
 

@@ -15,9 +15,9 @@ import sys
 import pytest
 import torch
 
-from data import create_dataset
+from data.datasets import create_dataset
 from data.video import sample_frame_indices
-from models import build_qa_model
+from models import create_model
 from tests.helpers import E2E, REPO_ROOT, TRAIN_E2E, train_e2e_config
 
 REF = torch.load(TRAIN_E2E / "activitynet_qa_ref.pt", map_location="cpu", weights_only=True)
@@ -55,8 +55,9 @@ def test_candidates_are_the_split_answers_in_order_of_first_appearance(test_spli
     assert test_split.candidate_coverage() == 100.0
 
 
+@pytest.mark.slow
 def test_candidate_order_does_not_depend_on_string_hashing(config):
-    code = ("import json, sys; from data import create_dataset; "
+    code = ("import json, sys; from data.datasets import create_dataset; "
             "print(json.dumps(create_dataset('activitynet_qa', json.loads(sys.argv[1]), 'test').answer_list))")
     lists = []
     for hash_seed in ("0", "1"):
@@ -83,9 +84,10 @@ def test_validation_keeps_the_originals_shuffled_fiftieth(config):
     assert every.question_ids == REF["question_ids"]  # val = test in this fixture, in file order
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k, suffix", [(4, ""), (16, "_kall")])
 def test_first_token_probabilities_and_top_k_scores_equal_the_originals(config, test_split, k, suffix):
-    model = build_qa_model(config, config["pretrained"]).eval()
+    model = create_model(config, "qa", config["pretrained"]).eval()
     answers = test_split.answer_list
     ref_column = [REF["candidate_answers"].index(answer) for answer in answers]
     answer_ids, answer_mask, _ = model.tokenize_answers(answers)
@@ -106,6 +108,7 @@ def test_first_token_probabilities_and_top_k_scores_equal_the_originals(config, 
             assert all(abs(ours[answer] - theirs[answer]) <= 1e-5 for answer in ours), question
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k, suffix", [(4, ""), (16, "_kall")])
 def test_script_predictions_and_accuracy_equal_the_originals(config, tmp_path, k, suffix):
     overrides = [f"{key}={config[key]}" for key in ("video_root", "ann_root", "pretrained", "tokenizer", "med_config")]

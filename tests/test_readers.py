@@ -114,12 +114,13 @@ def test_reader_order_and_the_reader_switch(monkeypatch):
         reader_names()
 
 
+@pytest.mark.slow
 def test_reader_benchmark_runs_at_a_tiny_size(tmp_path):
     out = tmp_path / "readers.json"
-    command = [sys.executable, "benchmarks/bench_readers.py", "--out", str(out), "--clips", "1", "--seconds", "2",
+    command = [sys.executable, "-m", "benchmarks.bench_readers", "--out", str(out), "--clips", "1", "--seconds", "2",
                "--width", "96", "--height", "64", "--frames", "4", "--runs", "1", "--batch_size", "2"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| clips | reader |" in result.stdout
     payload = json.loads(out.read_text())
@@ -149,7 +150,7 @@ def files_readers_disagree_on(tmp_path_factory):
 def test_training_and_evaluation_read_files_the_readers_disagree_on_alike(files_readers_disagree_on):
     """Readers disagree on some files; every clip, training or evaluation, goes to the same reader
     first, so a file is read one way in both (the reader order is the only one)."""
-    from data import create_dataset
+    from data.datasets import create_dataset
     rotated, ten_bit = files_readers_disagree_on / "rotated.mp4", files_readers_disagree_on / "ten_bit.mp4"
     assert read_video(rotated, 4, "uniform", None, backend="decord").shape[-2:] == (96, 64)  # turned upright
     assert read_video(rotated, 4, "uniform", None, backend="pyav").shape[-2:] == (64, 96)

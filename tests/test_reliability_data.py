@@ -17,7 +17,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data import VideoReadError, create_dataset, create_loader
+from data.datasets import create_dataset
+from data.loader import create_loader
+from data.video import VideoReadError
 from data.annotations import AnnotationError, read_json, read_jsonl, read_pickle
 from data.bad_inputs import PREFIX, BadInputLog
 from runtime.errors import DataError
@@ -65,6 +67,7 @@ def rewrite_indented(path):
 
 # --- 1. broken annotation files name the file and the line -------------------------------
 
+@pytest.mark.slow
 def test_broken_jsonl_line_names_file_and_its_line(corpus, tmp_path):
     ann = copy_annotations(corpus, tmp_path)
     break_line(ann / "val.jsonl", 3)
@@ -84,6 +87,7 @@ def broken_json_command(script, corpus, ann, out):
                                  f"train_file=[{ann}/pretrain.json]", *SMALL]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, name, line", [("activitynet", "train.json", 4), ("qa", "train_q.json", 5),
                                                 ("pretrain", "pretrain.json", 2)])
 def test_broken_json_names_file_line_and_column(corpus, tmp_path, script, name, line):
@@ -121,6 +125,7 @@ class _RunsShell:
         return os.system, ("true",)
 
 
+@pytest.mark.slow
 def test_refused_queryd_pickle_names_the_file(corpus, tmp_path):
     ann = copy_annotations(corpus, tmp_path)
     pickle_path = ann / "raw_captions_combined_filtered.pkl"
@@ -143,7 +148,7 @@ def test_truncated_pickle_names_the_file(tmp_path):
 @pytest.fixture(scope="module")
 def random_weights(tmp_path_factory):
     """A randomly initialised checkpoint of the scripts' small toy retrieval model."""
-    from models import build_retrieval_model
+    from models import create_model
     from configs.load import load_config
 
     path = tmp_path_factory.mktemp("weights") / "random.pth"
@@ -151,7 +156,7 @@ def random_weights(tmp_path_factory):
     os.chdir(REPO_ROOT)  # the config's med_config is relative to the repository
     try:
         torch.manual_seed(0)
-        model = build_retrieval_model(load_config("configs/toy/retrieval.yaml", ["depth=2"]))
+        model = create_model(load_config("configs/toy/retrieval.yaml", ["depth=2"]), "retrieval")
     finally:
         os.chdir(cwd)
     torch.save({"model": model.state_dict()}, path)
@@ -170,6 +175,7 @@ def videos_with_a_broken_test_clip(corpus, tmp_path):
     return videos, broken
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_bad_evaluation_video_in_a_worker_names_the_video(corpus, tmp_path, random_weights, workers):
     videos, broken = videos_with_a_broken_test_clip(corpus, tmp_path)
@@ -179,6 +185,7 @@ def test_bad_evaluation_video_in_a_worker_names_the_video(corpus, tmp_path, rand
     one_error_line(result, f"error: cannot decode video {broken}:")
 
 
+@pytest.mark.slow
 def test_substitute_black_on_error_from_the_command_line(corpus, tmp_path, random_weights):
     videos, broken = videos_with_a_broken_test_clip(corpus, tmp_path)
     result = run_script("train_video_retrieval.py",
@@ -194,7 +201,7 @@ def test_worker_error_is_reraised_as_itself_and_reported_in_one_line(corpus, tmp
     config = {"video_root": str(videos), "ann_root": str(corpus / "ann"), "image_size": 32, "num_frm_train": 2,
               "num_frm_test": 2}
     dataset = create_dataset("retrieval_didemo", config, "test")
-    [loader] = create_loader([dataset], [None], [1], [1], [False], [None], pin_memory=False)
+    loader = create_loader(dataset, None, batch_size=1, num_workers=1, train=False, pin_memory=False)
     with pytest.raises(VideoReadError) as caught:
         list(loader)
     assert "Original Traceback" in str(caught.value)  # torch re-raised it with the worker's traceback
@@ -220,6 +227,7 @@ def test_substitute_black_on_error_is_a_config_key(corpus, tmp_path):
 
 # --- 4. output folder and disk failures --------------------------------------------------
 
+@pytest.mark.slow
 def test_output_dir_under_a_file_is_one_line(corpus, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file, not a folder\n")
@@ -247,6 +255,7 @@ def raised(function):
     raise AssertionError("nothing raised")
 
 
+@pytest.mark.slow
 def test_environment_errors_map_to_path_and_reason(tmp_path):
     assert user_message(PermissionError(errno.EACCES, "Permission denied", "/out/x")) == "/out/x: permission denied"
     assert user_message(OSError(errno.EROFS, "Read-only file system", "/out")) == "/out: read-only file system"
@@ -300,6 +309,7 @@ def test_real_torch_save_on_a_full_device_names_it():
 
 # --- 5. every video missing ---------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("evaluate", [True, False])
 def test_all_videos_missing_is_one_line_naming_split_and_video_root(corpus, tmp_path, random_weights, evaluate):
     empty = tmp_path / "no_videos"
@@ -349,6 +359,7 @@ if sys.argv[1] == "wait":
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ending", ["return", "raise", "sigterm"])
 def test_owner_removes_its_folder_on_every_exit(ending):
     owner = subprocess.Popen([sys.executable, "-c", OWNER, "wait" if ending == "sigterm" else ending], cwd=REPO_ROOT,
@@ -366,6 +377,7 @@ def test_owner_removes_its_folder_on_every_exit(ending):
 
 # --- 8. torchrun: one line from rank 0, the other rank quiet -------------------------------
 
+@pytest.mark.slow
 def test_user_error_under_torchrun_is_one_line(corpus, tmp_path):
     ann = copy_annotations(corpus, tmp_path)
     break_line(ann / "train.jsonl", 2)
@@ -421,6 +433,7 @@ def test_training_items_do_not_depend_on_workers_or_start(corpus):
     assert not torch.equal(items_by_index(dataset, [0], 0)[0], reference[0])  # another rank, other draws
 
 
+@pytest.mark.slow
 def test_bad_video_in_one_ranks_shard_under_torchrun(corpus, tmp_path, random_weights):
     """Only rank 1 meets the error: it reports it (after waiting for a rank 0 report that does
     not come), and rank 0, left waiting in a collective, exits quietly."""

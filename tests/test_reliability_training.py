@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from data.toy import write_corpus
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, log_records, without
 from tests.test_scripts import SMALL, last_json_line, retrieval_args, run_script
-from training import precision as precision_module
+from runtime import precision as precision_module
 from runtime.errors import UserError
 from runtime.precision import make_precision
 from runtime.run_lock import acquire_run_lock, release_run_lock
@@ -44,16 +44,16 @@ def error_line(result) -> str:
 # ---- 1. a checkpoint must fit the model it is loaded into ------------------------------------
 def _toy_checkpoint(tmp_path, kind: str):
     """A toy-sized checkpoint of the retrieval or QA model (what a fine-tuning run writes)."""
-    from models import build_qa_model, build_retrieval_model
+    from models import create_model
     from configs.load import load_config
-    name, builder = {"retrieval": ("retrieval", build_retrieval_model), "qa": ("qa", build_qa_model)}[kind]
-    config = load_config(REPO_ROOT / "configs" / "toy" / f"{name}.yaml",
+    config = load_config(REPO_ROOT / "configs" / "toy" / f"{kind}.yaml",
                          ["depth=2", f"med_config={REPO_ROOT / 'configs' / 'toy' / 'bert_toy.json'}"])
     path = tmp_path / f"{kind}.pth"
-    torch.save({"model": builder(config).state_dict()}, path)
+    torch.save({"model": create_model(config, kind).state_dict()}, path)
     return path
 
 
+@pytest.mark.slow
 def test_a_qa_checkpoint_given_to_retrieval_stops_naming_its_family(corpus, tmp_path):
     checkpoint = _toy_checkpoint(tmp_path, "qa")
     args = retrieval_args(corpus, tmp_path / "out", f"pretrained={checkpoint}")
@@ -63,6 +63,7 @@ def test_a_qa_checkpoint_given_to_retrieval_stops_naming_its_family(corpus, tmp_
                            "it lacks ") and "vision_proj.weight" in line, line
 
 
+@pytest.mark.slow
 def test_a_retrieval_checkpoint_given_to_qa_stops_naming_its_family(corpus, tmp_path):
     checkpoint = _toy_checkpoint(tmp_path, "retrieval")
     result = run_script("train_video_qa.py", *qa_args(corpus, tmp_path / "out", f"pretrained={checkpoint}"),
@@ -73,6 +74,7 @@ def test_a_retrieval_checkpoint_given_to_qa_stops_naming_its_family(corpus, tmp_
 
 
 # ---- 2. checkpoint_last.pth is written before validation reads anything ------------------------
+@pytest.mark.slow
 def test_a_failing_validation_set_keeps_the_epoch_and_the_resume_validates_it(corpus, tmp_path):
     broken = tmp_path / "corpus"
     shutil.copytree(corpus, broken)
@@ -115,6 +117,7 @@ def _stopped_run(script_args, stop_after: int):
 
 
 # Stopped one step after a save (epoch 0: that step is redone), and right after a save (epoch 1).
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_after, saved_at", [(3, 2), (6, 6)])
 def test_a_run_stopped_mid_training_resumes_to_the_same_log_weights_and_metrics(corpus, uninterrupted, tmp_path,
                                                                               stop_after, saved_at):
@@ -130,14 +133,14 @@ def test_a_run_stopped_mid_training_resumes_to_the_same_log_weights_and_metrics(
     resumed = run_script("train_video_retrieval.py", *args)
     assert f"the run that held .lock (host {socket.gethostname()}, pid " in resumed.stdout
     assert "is gone; taking the folder over" in resumed.stdout
-    assert (out / "log.txt").read_text() == (uninterrupted / "log.txt").read_text()
+    assert log_records(out) == log_records(uninterrupted)  # but for what the resumed run's first line adds
     weights = torch.load(out / "checkpoint_last.pth", weights_only=True)["model"]
     expected = torch.load(uninterrupted / "checkpoint_last.pth", weights_only=True)["model"]
     assert weights.keys() == expected.keys()
     assert all(torch.equal(weights[key], expected[key]) for key in expected)
 
     def metrics(folder):
-        return {k: v for k, v in last_json_line(folder / "test_results.txt").items() if k != "checkpoint"}
+        return without(last_json_line(folder / "test_results.txt"), "checkpoint", "provenance")
     assert metrics(out) == metrics(uninterrupted)
     assert not (out / ".lock").exists()
 
@@ -153,6 +156,7 @@ def _wait_for_lock(path, process, timeout=120.0) -> dict:
     raise AssertionError(f"no lock appeared (exit code {process.poll()})")
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_folder_stops_naming_the_first(corpus, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
@@ -213,6 +217,7 @@ def test_a_lock_held_elsewhere_or_by_a_live_process_is_respected(tmp_path, owner
 
 
 # ---- 5. --evaluate refuses random weights ---------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("script, args", [("train_video_retrieval.py", retrieval_args), ("train_video_qa.py", qa_args)])
 def test_evaluate_without_pretrained_weights_stops_unless_allowed(corpus, tmp_path, script, args):
     refused = run_script(script, *args(corpus, tmp_path / "refused", "pretrained="), "--evaluate", check=False)

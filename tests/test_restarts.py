@@ -33,6 +33,7 @@ def uninterrupted(small_corpus, tmp_path_factory):
 
 # Rank 0 in the first epoch (its output folder lock is left behind by the dead process and
 # must be taken over), rank 1 in the second (after an epoch was logged).
+@pytest.mark.slow
 @pytest.mark.parametrize("rank, step", [(0, 1), (1, STEPS_PER_EPOCH + 1)])
 def test_a_restarted_run_ends_as_an_uninterrupted_one(small_corpus, uninterrupted, tmp_path, rank, step):
     output = fine_tune(small_corpus, tmp_path, TESTA_FAIL_AT_STEP=f"{rank}:{step}")

@@ -10,9 +10,12 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from ruamel.yaml import YAML
 
 from data.toy import write_corpus
 from tests.helpers import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # every test runs the entry scripts: not in make test-fast
 
 # A smaller model than configs/toy so the tests stay quick.
 SMALL = ["depth=2", "max_epoch=1", "num_workers=0", "batch_size_test=8"]
@@ -27,7 +30,7 @@ def corpus(tmp_path_factory):
 
 def run_script(script, *args, nproc=None, check=True):
     launcher = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc else [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(launcher + [script, *map(str, args)], cwd=REPO_ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     if check and result.returncode != 0:
@@ -71,12 +74,28 @@ def test_test_results_name_the_best_checkpoint_they_tested(finetuned_retrieval):
     assert result["checkpoint"] == str(finetuned_retrieval / "checkpoint_best.pth")
 
 
+def test_the_run_records_its_settings_and_provenance(finetuned_retrieval):
+    """config.yaml, log.txt's first line, the checkpoints and test_results.txt (tests/test_run_record.py)."""
+    out = finetuned_retrieval
+    settings = {"mixed_precision_method": "none", "accumulation_steps": 1, "max_grad_norm": None}
+    config = YAML(typ="safe").load((out / "config.yaml").read_text())
+    assert {name: config[name] for name in settings} == settings
+    assert (out / "config.yaml").read_text().startswith("# provenance:")
+    first_line = json.loads((out / "log.txt").read_text().splitlines()[0])
+    result = last_json_line(out / "test_results.txt")
+    assert first_line["settings"] == result["settings"] == {**settings, "precision": "fp32"}
+    checkpoint = torch.load(out / "checkpoint_best.pth", weights_only=True)
+    assert first_line["provenance"] == result["provenance"] == checkpoint["provenance"]
+    assert result["provenance"]["world_size"] == 1 and result["provenance"]["versions"]["torch"]
+
+
 def test_zero_shot_evaluate_is_the_same_under_torchrun(corpus, finetuned_retrieval, tmp_path):
     pretrained = f"pretrained={finetuned_retrieval / 'checkpoint_best.pth'}"
     single, double = tmp_path / "single", tmp_path / "double"
     run_script("train_video_retrieval.py", *retrieval_args(corpus, single, pretrained), "--evaluate")
     run_script("train_video_retrieval.py", *retrieval_args(corpus, double, pretrained), "--evaluate", nproc=2)
     one, two = last_json_line(single / "evaluate.txt"), last_json_line(double / "evaluate.txt")
+    assert (one.pop("provenance")["world_size"], two.pop("provenance")["world_size"]) == (1, 2)
     assert one == two and one["checkpoint"].endswith("checkpoint_best.pth")
     scores_one = torch.load(single / "scores_test.pt", weights_only=True)
     scores_two = torch.load(double / "scores_test.pt", weights_only=True)

@@ -115,9 +115,9 @@ def epoch_keys(config, rank, epoch, batch_size):
     """The sample keys each batch of `rank` holds in `epoch` (2 ranks, 2 workers; decoding skipped)."""
     dataset = ShardedPretrainDataset(config, "pretrain", rank=rank, world_size=2)
     dataset.set_epoch(epoch)
-    [sampler] = create_sampler([dataset], [True], 2, rank)
+    sampler = create_sampler(dataset, True, 2, rank)
     assert sampler is None
-    [loader] = create_loader([dataset], [sampler], [batch_size], [2], [True], [None], pin_memory=False)
+    loader = create_loader(dataset, sampler, batch_size, num_workers=2, train=True, pin_memory=False)
     batches = [list(batch) for batch in loader]
     assert len(batches) == len(loader)
     return batches
@@ -129,6 +129,7 @@ def keys_only(monkeypatch):
     monkeypatch.setattr(ShardedPretrainDataset, "decode", lambda self, sample: sample["__key__"])
 
 
+@pytest.mark.slow
 def test_two_ranks_two_workers_cover_every_sample_once(corpus, even_shards, keys_only):
     config = data_config(corpus, f"{even_shards}/pretrain-{{000000..000003}}.tar", batch_size=5)
     epoch0 = [epoch_keys(config, rank, 0, 5) for rank in range(2)]
@@ -139,6 +140,7 @@ def test_two_ranks_two_workers_cover_every_sample_once(corpus, even_shards, keys
     assert [epoch_keys(config, rank, 1, 5) for rank in range(2)] != epoch0  # the epoch reshuffles
 
 
+@pytest.mark.slow
 def test_uneven_shards_give_every_rank_the_same_steps(corpus, packed, keys_only):
     out, manifest = packed
     config = data_config(corpus, shard_urls(out), batch_size=2)
@@ -172,6 +174,7 @@ def test_undecodable_sample_is_counted_and_replaced(corpus, tmp_path):
     assert any("garbage.mp4" in path for path in dataset.bad_inputs.paths())
 
 
+@pytest.mark.slow
 def test_video_pretrain_trains_an_epoch_on_video_and_image_shards(corpus, packed, tmp_path):
     images = tmp_path / "image_shards"
     pack([corpus / "ann" / "pretrain_images.json"], images, corpus, max_samples=2)
@@ -194,7 +197,7 @@ def test_resumed_epoch_skips_the_consumed_batches(corpus, even_shards, keys_only
     stream's order depends on (seed, epoch) alone, so the rest are the uninterrupted run's."""
     config = data_config(corpus, f"{even_shards}/pretrain-{{000000..000003}}.tar", batch_size=2)
     dataset = ShardedPretrainDataset(config, "pretrain", rank=0, world_size=1)
-    [loader] = create_loader([dataset], [None], [2], [2], [True], [None], pin_memory=False)
+    loader = create_loader(dataset, None, batch_size=2, num_workers=2, train=True, pin_memory=False)
     dataset.set_epoch(1)
     uninterrupted = [list(batch) for batch in loader]
     dataset.set_epoch(1)

@@ -167,6 +167,7 @@ def test_bad_input_is_rejected_with_a_clear_message():
 
 
 # ----------------------------------------------------------------------------- training
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_output_and_gradients():
     video = _tiny_video()
     # Stochastic depth on: the recomputation must replay the same drop masks.

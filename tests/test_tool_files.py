@@ -111,6 +111,7 @@ def test_a_new_index_with_tokens_on_a_full_disk_stops_at_the_first_batch(toy, re
     assert list((tmp_path / "index").iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("full_at", ["tokens-", "embeddings-", ".manifest.json."])
 def test_failed_writes_on_a_file_system_without_fallocate_keep_the_previous_index(indexed, retrieval, monkeypatch,
                                                                                   full_at):
@@ -133,6 +134,7 @@ def test_failed_writes_on_a_file_system_without_fallocate_keep_the_previous_inde
     assert snapshot(index) == before
 
 
+@pytest.mark.slow
 def test_a_new_index_on_a_full_disk_leaves_an_empty_folder(toy, retrieval, tmp_path, monkeypatch):
     monkeypatch.setattr(inference.index.os, "posix_fallocate", no_space_left)
     with pytest.raises(UserError, match=r"not updated \(no index was written\): .*embeddings-\w+\.npy: no space"):
@@ -176,6 +178,7 @@ def lock_of(index):
     return index / ".lock"
 
 
+@pytest.mark.slow
 def test_the_lock_is_released_on_success_error_and_interruption(indexed, retrieval, toy, monkeypatch):
     videos, index = indexed
     update_index(retrieval, videos, index, num_workers=0, with_tokens=True)
@@ -232,6 +235,7 @@ def manifest_of_a_real_index(indexed) -> dict:
      r"its embeddings-\w+\.npy holds \(8, 256\) values, the manifest needs \(7, 256\)"),
 ], ids=["truncated", "not_utf8", "not_an_object", "wrong_type", "missing_key", "checkpoint_entry", "file_entry",
         "not_a_file_name", "data_file_missing", "rows_disagree"])
+@pytest.mark.slow
 def test_a_damaged_index_is_one_line_saying_what_to_do(indexed, damage, problem):
     index = indexed[1]
     text = (index / "manifest.json").read_text()

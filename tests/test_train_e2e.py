@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from configs.keys import value
-from data import create_dataset, create_split_loaders, vqa_collate_fn
+from data.datasets import create_dataset
+from data.loader import create_split_loaders, vqa_collate_fn
 from data.video import sample_frame_indices
-from models import build_qa_model, build_retrieval_model
+from models import create_model
 from models.pixels import normalize
 from tests.helpers import E2E, TRAIN_E2E, e2e_paths, read_yaml, train_e2e_config
 from training.loop import train_one_epoch
@@ -82,13 +83,13 @@ def without_dropout(config: dict, tmp_path) -> dict:
     return {**config, "med_config": str(path), "num_workers": 0}
 
 
-def replay(name, build, compute_losses, collate_fn, tmp_path, set_queues=False):
+def replay(name, task, compute_losses, collate_fn, tmp_path, set_queues=False):
     """Two epochs of the original's recorded run through this project's training pieces;
     returns the reference, the model, its weights before training and one record per step."""
     ref = reference(f"{name}_ref")
     config = without_dropout(train_e2e_config(name), tmp_path)
     torch.set_num_threads(1)  # the references were computed single-threaded
-    model = build(config, config["pretrained"])
+    model = create_model(config, task, config["pretrained"])
     if set_queues:  # the original dropped the stored queues and drew fresh ones
         model.set_queues({key: ref[f"initial_{key}"] for key in ("image_queue", "text_queue", "idx_queue",
                                                                  "ptr_queue")})
@@ -126,8 +127,9 @@ def assert_weights_match(ref: dict, model, initial: dict) -> None:
         assert abs(weight.double().sum().item() - ref["param_sum"][row].item()) <= tolerance * weight.numel(), name
 
 
+@pytest.mark.slow
 def test_retrieval_steps_follow_the_originals_run(tmp_path):
-    ref, model, initial, steps = replay("train_retrieval_didemo", build_retrieval_model,
+    ref, model, initial, steps = replay("train_retrieval_didemo", "retrieval",
                                         retrieval_losses(0.4), None, tmp_path, set_queues=True)
     assert len(steps) == ref["n_steps"]
     for step, record in enumerate(steps):
@@ -144,8 +146,9 @@ def test_retrieval_steps_follow_the_originals_run(tmp_path):
     assert torch.equal(model.idx_queue, ref["final_idx_queue"]) and torch.equal(model.ptr_queue, ref["final_ptr_queue"])
 
 
+@pytest.mark.slow
 def test_qa_steps_follow_the_originals_run(tmp_path):
-    ref, model, initial, steps = replay("train_vqa_activitynet_qa", build_qa_model, qa_losses, vqa_collate_fn,
+    ref, model, initial, steps = replay("train_vqa_activitynet_qa", "qa", qa_losses, vqa_collate_fn,
                                         tmp_path)
     assert len(steps) == ref["n_steps"]
     for step, record in enumerate(steps):

@@ -51,7 +51,7 @@ def test_defaults_come_from_the_key_description():
 def test_readme_key_table_is_the_one_derived_from_the_description():
     from configs.keys import markdown_table
     from tests.helpers import REPO_ROOT
-    assert markdown_table() in (REPO_ROOT / "README.md").read_text()
+    assert markdown_table() in (REPO_ROOT / "docs" / "configs.md").read_text()
 
 
 @pytest.mark.parametrize("text, where", [("init_lrr: 1e-5\n", []), ("init_lr: 1e-5\n", ["int_lr=1"])])
@@ -91,7 +91,8 @@ def parser():
 def test_parser_defaults_overrides_and_aliases():
     args = parser().parse_args(["--config", "c.yaml", "--output_dir", "out", "--sep_image",
                                 "--options", "init_lr=1e-5", "--", "k_test=4"])
-    assert args.mixed_precision_method == "none" and args.accumulation_steps == 1
+    # Unset flags leave the config's values (mixed_precision_method, accumulation_steps, ...).
+    assert args.mixed_precision_method is None and args.accumulation_steps is None
     assert args.max_grad_norm is None and args.seed is None and args.sep_img
     assert args.options == ["init_lr=1e-5"] and args.overrides == ["k_test=4"]
 
@@ -117,7 +118,8 @@ def test_setup_run_resolves_flags_into_config(tmp_path):
                                 "--mixed_precision_method", "apex", "k_test=8"])
     run = setup_run(args)
     assert run.seed == 7 and run.precision.dtype is not None
-    assert run.config == {"seed": 7, "num_workers": 0, "k_test": 8, "low_resource_eval": True}
+    assert run.config == {"seed": 7, "num_workers": 0, "k_test": 8, "low_resource_eval": True,
+                          "mixed_precision_method": "apex", "accumulation_steps": 1, "max_grad_norm": None}
     assert load_config(tmp_path / "out" / "config.yaml") == run.config
 
 

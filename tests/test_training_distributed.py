@@ -1,10 +1,10 @@
 """Gather helpers, DDP training with accumulation, metric reduction and per-rank RNG
 checkpoints under 2 gloo processes."""
+import copy
 import os
 import socket
 
-import copy
-
+import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -93,6 +93,7 @@ def _worker(rank, port, output_dir):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_gather_helpers_and_rng_checkpoint_with_two_processes(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     state = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)

@@ -387,7 +387,10 @@ def test_model_summary_prints_parameters_and_gmacs(capsys):
 def test_loop_options_from_args():
     args = build_arg_parser("t").parse_args(["--config", "c", "--output_dir", "o",
                                                    "--accumulation_steps", "4", "--max_grad_norm", "2"])
-    assert LoopOptions.from_args(args, seed=7) == LoopOptions(4, 2.0, 50, 0, 7)
+    config = {"accumulation_steps": 4, "max_grad_norm": 2.0}  # as setup_run resolves them, the flags included
+    assert LoopOptions.from_args(args, 7, config) == LoopOptions(4, 2.0, 50, 0, 7)
+    # Accumulation and clipping are read from the config only: without its keys, their defaults.
+    assert LoopOptions.from_args(args, 7, {}) == LoopOptions(1, None, 50, 0, 7)
 
 
 _WHERE_A_LARGE_TENSOR_LIVES = """
@@ -405,6 +408,7 @@ print(libc.sbrk(0) == heap_end)  # the heap was not trimmed after the free
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 @pytest.mark.parametrize("env, keeps", [({}, True), ({"MALLOC_MMAP_THRESHOLD_": "65536"}, False)])
 def test_keeping_freed_cpu_memory_serves_large_tensors_from_the_heap_unless_the_environment_chose(env, keeps):

@@ -108,6 +108,7 @@ def test_interrupted_update_leaves_the_previous_index(toy, folder, tmp_path, cap
     assert {path.name for path in index.iterdir()} == {"manifest.json", manifest["embeddings"], manifest["tokens"]}
 
 
+@pytest.mark.slow
 def test_search_table_json_and_report(toy, folder, tmp_path, capsys):
     index = tmp_path / "index"
     run(["index", folder, "--index", index, "--num_workers", "0", *model_args(toy, "retrieval")], capsys)

@@ -6,10 +6,11 @@ from pathlib import Path
 import torch
 
 from configs.keys import CONFIG_KEYS, ConfigError, value
-from models.checkpoint import check_recorded_settings, checkpoint_family, model_settings, read_checkpoint
+from models.checkpoint import load_checkpoint, model_settings, read_checkpoint
 from runtime.distributed import barrier, gather_objects, get_rank, get_world_size, is_main_process, unwrap_model
 from runtime.errors import UserError
 from runtime.precision import Precision
+from runtime.provenance import provenance as current_provenance
 from utils import atomic_torch_save, get_rng_state, set_rng_state
 
 
@@ -37,6 +38,10 @@ CHANGEABLE_ON_RESUME = frozenset({
     "substitute_black_on_error",
     "max_words",  # compared through caption_max_words and text_max_tokens, which it sets
 })
+# Config keys a resume compares through `training_settings` instead, under the same names: the
+# precision as the arithmetic it runs (apex and fp16 are the same), accumulation and clipping also
+# for checkpoints written while they were flags only (their configs do not say them).
+COMPARED_AS_TRAINING_SETTINGS = frozenset({"mixed_precision_method", "accumulation_steps", "max_grad_norm"})
 # The training batch per process: fine-tuning, pre-training.
 BATCH_KEYS = ("batch_size_train", "batch_size")
 
@@ -51,8 +56,8 @@ def resume_path(output_dir, checkpoint: str | None) -> Path | None:
 
 
 def training_settings(precision: Precision, flags: dict) -> dict:
-    """What besides the config changes what training computes: the number of processes, the
-    arithmetic precision and the script's training flags (accumulation_steps, max_grad_norm)."""
+    """What a resume compares besides the config: the number of processes, the arithmetic
+    precision and the config's accumulation_steps and max_grad_norm (`flags`, resolved)."""
     arithmetic = "fp32" if precision.dtype is None else str(precision.dtype).removeprefix("torch.")
     return {"world_size": get_world_size(), "precision": arithmetic, **flags}
 
@@ -74,13 +79,13 @@ def _resolved(config: dict, name: str):
 
 def resume_differences(state: dict, config: dict, settings: dict) -> dict[str, tuple]:
     """{setting: (the checkpoint's, this run's)} for every setting that changes training and
-    differs: the config keys (defaults resolved) but CHANGEABLE_ON_RESUME, then the training
-    settings the checkpoint records."""
+    differs: the config keys (defaults resolved) but CHANGEABLE_ON_RESUME and
+    COMPARED_AS_TRAINING_SETTINGS, then the training settings the checkpoint records."""
     differences = {}
     if isinstance(state.get("config"), dict):
         for name in CONFIG_KEYS:
             before, now = _resolved(state["config"], name), _resolved(config, name)
-            if name not in CHANGEABLE_ON_RESUME and before != now:
+            if name not in CHANGEABLE_ON_RESUME | COMPARED_AS_TRAINING_SETTINGS and before != now:
                 differences[name] = (before, now)
     recorded = recorded_training_settings(state)
     differences.update({name: (recorded[name], now) for name, now in settings.items()
@@ -94,20 +99,6 @@ def _samples_per_batch(config: dict, world_size: int | None) -> int | None:
     return batch * world_size if batch and world_size else None
 
 
-def load_model_state(model: torch.nn.Module, state_dict: dict, source: str) -> None:
-    """Strict load that names missing/unexpected keys in one line instead of a traceback."""
-    what = f"checkpoint {source} (a {checkpoint_family(state_dict)} checkpoint) does not match this model"
-    try:
-        result = unwrap_model(model).load_state_dict(state_dict, strict=False)
-    except RuntimeError as error:  # shape mismatches
-        raise UserError(f"{what}: {' '.join(str(error).split())[:300]}") from None
-    if result.missing_keys or result.unexpected_keys:
-        def preview(keys):
-            return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-        raise UserError(f"{what}: {len(result.missing_keys)} missing keys [{preview(result.missing_keys)}], "
-                        f"{len(result.unexpected_keys)} unexpected keys [{preview(result.unexpected_keys)}]")
-
-
 class Checkpointer:
     """Saves and resumes the whole training state of one run in `output_dir`.
 
@@ -117,17 +108,20 @@ class Checkpointer:
     RNG states and the epoch's running loss totals), epoch_stats (the finished epoch's
     training averages, for its log.txt line), model_settings (models.checkpoint.model_settings:
     checked wherever the file is loaded), training_settings (`training_settings` of this run,
-    from `training_flags`: compared when a run resumes).
+    from `training_flags`: compared when a run resumes), provenance (runtime.provenance: the
+    software, processes, device and git commit of the run; `provenance`, else found at the
+    first save).
     """
 
     def __init__(self, output_dir, model, optimizer, precision: Precision, config: dict,
-                 training_flags: dict | None = None):
+                 training_flags: dict | None = None, provenance: dict | None = None):
         self.output_dir = Path(output_dir)
         self.model = model
         self.optimizer = optimizer
         self.precision = precision
         self.config = config
         self.training_flags = training_flags or {}
+        self.provenance = provenance
         self.best_metric: float | None = None  # scripts update it when validation improves
         self.global_step = 0  # optimiser steps so far; kept current by train_one_epoch
 
@@ -154,9 +148,16 @@ class Checkpointer:
                 "epoch_stats": epoch_stats,
                 "model_settings": model_settings(unwrap_model(self.model)),
                 "training_settings": training_settings(self.precision, self.training_flags),
+                "provenance": self._provenance(),
             }, path)
         barrier()
         return path
+
+    def _provenance(self) -> dict:
+        if self.provenance is None:
+            device = next((p.device for p in unwrap_model(self.model).parameters()), None)
+            self.provenance = current_provenance(get_world_size(), device)
+        return self.provenance
 
     def resume(self, checkpoint: str | None = None) -> ResumePoint | None:
         """Restore from `checkpoint`, else from output_dir/checkpoint_last.pth if present. The
@@ -168,8 +169,7 @@ class Checkpointer:
         missing = [key for key in ("model", "optimizer", "epoch") if key not in state]
         if missing:
             raise UserError(f"checkpoint {path} is not a training checkpoint (no {', '.join(missing)})")
-        check_recorded_settings(state, str(path), unwrap_model(self.model))
-        load_model_state(self.model, state["model"], str(path))
+        load_checkpoint(unwrap_model(self.model), state, strict=True, verbose=False, source=str(path))
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as error:

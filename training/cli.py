@@ -17,7 +17,8 @@ from configs.load import load_config, save_config
 from runtime.distributed import gather_objects, get_world_size, init_distributed, is_main_process, seed_for_rank
 from runtime.errors import UserError
 from training.logging import write_results
-from runtime.precision import Precision, make_precision
+from runtime.precision import PRECISION_METHODS, Precision, make_precision
+from runtime.provenance import provenance
 from runtime.run_lock import acquire_run_lock
 from utils import keep_freed_cpu_memory, seed_everything
 
@@ -36,10 +37,10 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
     add("--config", required=True, help="YAML config file (its keys are described in configs/keys.py)")
     add("--output_dir", required=True,
         help="folder for config.yaml, log.txt, checkpoints and results (created)")
-    add("--mixed_precision_method", choices=["apex", "fp16", "bf16", "none"], default="none",
-        help="apex/fp16: native AMP fp16 with gradient scaling on CUDA; bf16: bf16 autocast; "
-             "none: fp32 (default). On CPU apex, fp16 and bf16 all run bf16 autocast. "
-             "NVIDIA apex is not used")
+    add("--mixed_precision_method", choices=PRECISION_METHODS, default=None,
+        help="sets the config key mixed_precision_method (default: the config's, else none). "
+             "apex/fp16: native AMP fp16 with gradient scaling on CUDA; bf16: bf16 autocast; none: fp32. "
+             "On CPU apex, fp16 and bf16 all run bf16 autocast. NVIDIA apex is not used")
     add("--checkpoint", default=None,
         help="checkpoint to resume training from (model, optimiser, scaler, epoch, step, RNG); "
              "without it, output_dir/checkpoint_last.pth is resumed when present")
@@ -54,10 +55,12 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu",
         help="cuda or cpu (default: %(default)s); under torchrun each process uses cuda:LOCAL_RANK")
     add("--seed", type=int, default=None, help="random seed (default: the config's seed, else 42)")
-    add("--accumulation_steps", type=_positive_int, default=1,
-        help="micro-batches per optimiser step; the loss is divided accordingly (default: 1)")
+    add("--accumulation_steps", type=_positive_int, default=None,
+        help="sets the config key accumulation_steps: micro-batches per optimiser step; the loss is divided "
+             "accordingly (default: the config's, else 1)")
     add("--max_grad_norm", type=float, default=None,
-        help="clip the gradient norm to this value (unscaled first under AMP); off when unset")
+        help="sets the config key max_grad_norm: clip the gradient norm to this value (unscaled first under "
+             "AMP; default: the config's, else no clipping)")
     add("--num_workers", type=int, default=None,
         help="data-loader workers per process (default: the config's num_workers)")
     add("--k_test_batch_size", type=_positive_int, default=None,
@@ -93,10 +96,23 @@ class Run:
     output_dir: Path
     precision: "Precision"
     seed: int
-    training_flags: dict  # the flags that change what training computes (recorded in its checkpoints)
+    training_flags: dict  # accumulation_steps, max_grad_norm: from the config (recorded in its checkpoints)
+    provenance: dict | None = None  # runtime.provenance: software, processes, device, git commit
+
+    def record(self) -> dict:
+        """What every results file carries beside its metrics: the settings that change results
+        but are no part of the evaluation protocol (the precision also as the arithmetic it runs),
+        and the provenance."""
+        settings = {name: value(self.config, name) for name in RECORDED_KEYS}
+        settings["precision"] = training_settings(self.precision, {})["precision"]
+        return {"settings": settings, "provenance": self.provenance}
+
 
 # Flags that, when given, override the config key of the same name.
-_FLAGS_OVERRIDING_CONFIG = ("num_workers", "k_test_batch_size", "low_resource_eval", "seed")
+_FLAGS_OVERRIDING_CONFIG = ("num_workers", "k_test_batch_size", "low_resource_eval", "seed",
+                            "mixed_precision_method", "accumulation_steps", "max_grad_norm")
+# Config keys whose resolved value (the default where unset) config.yaml, checkpoints and results record.
+RECORDED_KEYS = ("mixed_precision_method", "accumulation_steps", "max_grad_norm")
 
 
 def lock_output_dir(output_dir: Path) -> None:
@@ -167,6 +183,7 @@ def setup_run(args: argparse.Namespace) -> Run:
     flags = [f"{flag}={getattr(args, flag)}" for flag in _FLAGS_OVERRIDING_CONFIG if getattr(args, flag) is not None]
     config = load_config(args.config, list(args.options) + list(args.overrides) + flags)
     seed = config["seed"] = value(config, "seed")
+    config.update({name: value(config, name) for name in RECORDED_KEYS})
     if args.evaluate and not config.get("pretrained") and not args.allow_random_weights:
         # Metrics of random weights look like results; make testing chance level a choice.
         raise UserError("--evaluate needs weights to test: `pretrained:` is empty; set pretrained=PATH "
@@ -174,14 +191,15 @@ def setup_run(args: argparse.Namespace) -> Run:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     lock_output_dir(output_dir)
-    precision = make_precision(args.mixed_precision_method, device)
-    training_flags = {"accumulation_steps": args.accumulation_steps, "max_grad_norm": args.max_grad_norm}
+    precision = make_precision(config["mixed_precision_method"], device)
+    training_flags = {"accumulation_steps": config["accumulation_steps"], "max_grad_norm": config["max_grad_norm"]}
     if not args.evaluate:
         check_resume_fits(args, config, training_settings(precision, training_flags), output_dir)
     keep_previous_config(config, output_dir)
-    save_config(config, output_dir)
+    run_provenance = provenance(get_world_size(), device)
+    save_config(config, output_dir, run_provenance)
     seed_everything(seed_for_rank(seed))
     print(f"precision: {precision.describe()}; world size {get_world_size()}; device {device}")
     # Readers differ in how they resize, so the log says which decode this run's clips.
     print(f"video readers, in the order tried: {', '.join(reader_names())}")
-    return Run(args, config, device, output_dir, precision, seed, training_flags)
+    return Run(args, config, device, output_dir, precision, seed, training_flags, run_provenance)

@@ -7,10 +7,10 @@ from typing import Callable
 import torch
 
 from configs.keys import value
-from models.checkpoint import read_checkpoint
-from training.checkpoints import Checkpointer, load_model_state
+from models.checkpoint import load_checkpoint
+from training.checkpoints import Checkpointer
 from training.cli import Run
-from runtime.distributed import gather_objects, is_main_process, wrap_distributed
+from runtime.distributed import gather_objects, is_main_process, unwrap_model, wrap_distributed
 from training.logging import ExperimentLogger, log_epoch, write_results
 from training.loop import LoopOptions, checkpoint_on_disk, save_if_finite, stops_reported, train_one_epoch
 from training.optim import create_optimizer, make_lr_schedule
@@ -52,9 +52,10 @@ def fit(run: Run, model: torch.nn.Module, train_loader, compute_losses, schedule
     wrapped = wrap_distributed(model, run.device)
     optimizer = create_optimizer(model, config)
     lr_schedule = make_lr_schedule(config, schedule)
-    checkpointer = Checkpointer(run.output_dir, wrapped, optimizer, run.precision, config, run.training_flags)
+    checkpointer = Checkpointer(run.output_dir, wrapped, optimizer, run.precision, config, run.training_flags,
+                                run.provenance)
     resume = checkpointer.resume(args.checkpoint)
-    options = LoopOptions.from_args(args, run.seed)
+    options = LoopOptions.from_args(args, run.seed, config)
     experiment_logger = ExperimentLogger(run.output_dir, config, args.tensorboard, args.wandb)
     finish = EpochEnd(run, model, checkpointer, experiment_logger, validate, best_metric, checkpoint_every_epoch)
     start = resume.epoch if resume else 0
@@ -98,7 +99,8 @@ def _epoch_of(line: str) -> int | None:
 @dataclass
 class EpochEnd:
     """What follows an epoch's training (and its checkpoint_last.pth): validate, keep the
-    best, per-epoch checkpoints, the log.txt line."""
+    best, per-epoch checkpoints, the log.txt line (the run's first also says its settings and
+    provenance: Run.record)."""
     run: Run
     model: torch.nn.Module
     checkpointer: Checkpointer
@@ -106,6 +108,7 @@ class EpochEnd:
     validate: Callable[[torch.nn.Module, int], dict] | None
     best_metric: str | None
     checkpoint_every_epoch: bool
+    recorded: bool = False  # whether this run's log.txt lines have said its settings and provenance
 
     def __call__(self, epoch: int, stats: dict) -> None:
         checkpointer = self.checkpointer
@@ -122,7 +125,9 @@ class EpochEnd:
             checkpointer.save("checkpoint_last.pth", epoch, epoch_complete=True, epoch_stats=stats)
         if self.checkpoint_every_epoch:
             checkpointer.save(f"checkpoint_{epoch:02d}.pth", epoch, epoch_complete=True, epoch_stats=stats)
-        log_epoch(self.run.output_dir, epoch, train=stats, val=val)  # last: marks the epoch finished
+        run_record = None if self.recorded else self.run.record()
+        log_epoch(self.run.output_dir, epoch, run_record, train=stats, val=val)  # last: marks the epoch finished
+        self.recorded = True
         self.experiment_logger.log({f"val/{name}": value for name, value in val.items()
                                     if isinstance(value, (int, float))}, checkpointer.global_step)
 
@@ -134,15 +139,16 @@ def test_best_weights(run: Run, model: torch.nn.Module, test: Callable[[torch.nn
     best = run.output_dir / "checkpoint_best.pth"
     tested = best if best.is_file() else run.output_dir / "checkpoint_last.pth"
     if best.is_file():
-        load_model_state(model, read_checkpoint(best)["model"], str(best))
+        load_checkpoint(unwrap_model(model), best, strict=True, verbose=False)
         print(f"testing the best weights ({best_metric} = {best_value})")
     report_test(run, model, test, "test_results.txt", {**protocol, "checkpoint": str(tested)})
 
 
 def report_test(run: Run, model: torch.nn.Module, test: Callable[[torch.nn.Module], dict], filename: str,
                 protocol: dict) -> dict:
-    """Run `test(model)` and record its metrics with the protocol in output_dir/filename."""
+    """Run `test(model)` and record its metrics with the protocol, the run's settings and its
+    provenance (Run.record) in output_dir/filename."""
     with stops_reported(lambda: "while testing", lambda: f"no metrics written to {filename}"):
         metrics = test(model)
-    write_results(run.output_dir, filename, {"split": "test", **protocol, **metrics})
+    write_results(run.output_dir, filename, {"split": "test", **protocol, **metrics, **run.record()})
     return metrics

@@ -9,12 +9,14 @@ from runtime.distributed import is_main_process
 from runtime.errors import UserError
 
 
-def log_epoch(output_dir, epoch: int, **sections: dict) -> dict:
+def log_epoch(output_dir, epoch: int, run_record: dict | None = None, **sections: dict) -> dict:
     """Append one JSON line to output_dir/log.txt, e.g. log_epoch(d, 3, train=stats, val=metrics)
-    gives {'train_lr': ..., 'train_loss_ita': ..., 'val_r_mean': ..., 'epoch': 3}."""
+    gives {'train_lr': ..., 'train_loss_ita': ..., 'val_r_mean': ..., 'epoch': 3}; `run_record`
+    (the first line a run writes: its settings and provenance) is added after 'epoch'."""
     record = {f"{prefix}_{key}": value for prefix, values in sections.items()
               for key, value in values.items()}
     record["epoch"] = epoch
+    record.update(run_record or {})
     if is_main_process():
         with open(Path(output_dir) / "log.txt", "a") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from configs.keys import value
 from models.checkpoint import CheckpointError, read_checkpoint
 from training.checkpoints import Checkpointer, ResumePoint
 from runtime.errors import Interrupted, NonFiniteError
@@ -30,8 +31,9 @@ class LoopOptions:
     seed: int | None = None  # reseed every epoch from (seed, rank, epoch) when set
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, seed: int | None) -> "LoopOptions":
-        return cls(args.accumulation_steps, args.max_grad_norm, args.log_every,
+    def from_args(cls, args: argparse.Namespace, seed: int | None, config: dict) -> "LoopOptions":
+        """Accumulation and clipping from the config (their flags are overrides of it), the rest from the flags."""
+        return cls(value(config, "accumulation_steps"), value(config, "max_grad_norm"), args.log_every,
                    args.save_every_steps, seed)
 
 
