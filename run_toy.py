@@ -1,4 +1,4 @@
-"""The README's main job on the bundled toy setup, end to end on the CPU.
+"""`make toy`: the main job on the bundled toy setup, end to end on the CPU.
 
 Generates the toy corpus, pre-trains with 2 processes (torchrun, gloo), fine-tunes and tests
 retrieval from that checkpoint, runs a zero-shot retrieval --evaluate, fine-tunes and tests

@@ -1,7 +1,7 @@
 """Clips/s that one data-loader worker decodes and augments.
 
 Generates longer clips than the toy corpus (default 10 s, 30 fps, 320x240, moving shapes
-over a textured background), optionally re-encoded as the README prescribes (--compressed:
+over a textured background), optionally re-encoded as docs/data.md prescribes (--compressed:
 `python -m data.compress --fps 3 --size 224`), then times read_video + the augmented path
 (pre-training and finetune_augmentation: 32 frames decoded at video_resize 256, cropped to 224,
 augmented) and the plain path (the published fine-tuning and evaluation: decoded at 224),

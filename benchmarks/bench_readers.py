@@ -2,7 +2,7 @@
 
 Makes two sets of clips from the same generated sources (moving shapes on a textured
 background, x264 with its default 250-frame GOP): "raw" (--seconds long, --width x --height,
-30 fps, like downloaded videos) and "compressed" (the raw ones re-encoded as the README
+30 fps, like downloaded videos) and "compressed" (the raw ones re-encoded as docs/data.md
 prescribes: `python -m data.compress --fps 3 --size 224`). Then, single-threaded as in a
 DataLoader worker:
 

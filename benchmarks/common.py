@@ -8,7 +8,6 @@ which is also 2 * n**3 / time.
 """
 import argparse
 import atexit
-import contextlib
 import datetime
 import json
 import os
@@ -23,9 +22,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from runtime.precision import inference_precision
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+# The explicit precision names of runtime.precision (benchmarks name what they measure: no 'auto').
+PRECISIONS = ('fp32', 'bf16', 'fp16')
 
 
 def base_parser(description):
@@ -58,11 +60,9 @@ def check_precision(precision, device):
 
 
 def autocast(device, precision):
-    """Mixed precision the way the training scripts run it: autocast, weights stay fp32."""
+    """Mixed precision the way the scripts run it (runtime.precision): autocast, weights stay fp32."""
     check_precision(precision, device)
-    if precision == 'fp32':
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+    return inference_precision(precision, device).autocast()
 
 
 def synchronize(device):
@@ -105,7 +105,7 @@ MATMUL_SIZE = 2048
 def matmul_closure(device, precision, size=MATMUL_SIZE):
     """One size x size matmul in `precision`; 2 * size**3 FLOPs per call."""
     check_precision(precision, device)
-    dtype = PRECISIONS[precision] or torch.float32
+    dtype = inference_precision(precision, device).dtype or torch.float32
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)

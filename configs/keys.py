@@ -2,7 +2,7 @@
 the runs that read it.
 
 The YAML files beside this module use these keys. Unknown-key errors, type and value checks,
-the defaults the models, datasets and scripts fall back to, and the key table of the README
+the defaults the models, datasets and scripts fall back to, and the key table of docs/configs.md
 (`python -m configs.keys`) all come from CONFIG_KEYS. Models and datasets read a config
 through `value(config, name)`, so they depend on this description and nothing else.
 """
@@ -307,7 +307,7 @@ def value(config: dict, name: str, purpose: str = ""):
 
 
 def markdown_table() -> str:
-    """The README's key table."""
+    """The key table of docs/configs.md."""
     rows = ["| key | section | default | meaning |", "| --- | --- | --- | --- |"]
     rows += [f"| `{key.name}` | {key.section} | {key.describe_default()} | {key.help} |"
              for key in CONFIG_KEYS.values()]
