@@ -33,8 +33,8 @@ def shared(tmp_path_factory):
     return corpus, checkpoints
 
 
-def run(argv, timeout):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+def run(argv, timeout, extra_env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **(extra_env or {})}
     return subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -45,7 +45,7 @@ def test_bad_input(module, case, shared, tmp_path):
     workspace = Workspace(*shared, tmp_path)
     if case.setup is not None:
         case.setup(workspace)
-    result = run(case.command(workspace), case.timeout)
+    result = run(case.command(workspace), case.timeout, case.env)
     output = result.stdout + result.stderr
     assert "Traceback" not in output, output[-4000:]
     assert result.returncode == case.exit_code, f"exit {result.returncode}:\n{output[-4000:]}"

@@ -7,10 +7,13 @@ TESTA_STOP_AFTER_STEP=N  every process stops after global optimiser step N
 TESTA_FAIL_AT_STEP=R:N   only rank R stops after step N, and only in torchrun's first attempt
                          (TORCHELASTIC_RESTART_COUNT 0 or unset), so that a run under
                          `torchrun --max-restarts` fails once and recovers (tests/test_restarts.py).
+TESTA_INTERRUPT_AFTER_STEP=N  the process sends itself SIGINT after step N, as Ctrl-C would
+                         (tests/bad_inputs/interrupts.py): at a known step, however busy the machine.
 
 Unset, they cost one integer comparison per optimiser step.
 """
 import os
+import signal
 import sys
 
 from runtime.distributed import get_rank
@@ -29,6 +32,16 @@ def exit_step() -> int:
     if not (rank.isdigit() and step.isdigit()):
         raise UserError(f"TESTA_FAIL_AT_STEP={fail_at}: expected RANK:STEP, e.g. 1:3")
     return int(step) if int(rank) == get_rank() else 0
+
+
+def interrupt_step() -> int:
+    """The global optimiser step after which this process interrupts itself; 0: never."""
+    return int(os.environ.get("TESTA_INTERRUPT_AFTER_STEP") or 0)
+
+
+def interrupt_self() -> None:
+    """SIGINT to this process: Python raises KeyboardInterrupt at once, as for Ctrl-C."""
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def exit_abruptly(step: int) -> None:

@@ -18,7 +18,7 @@ from training.optim import set_lr
 from runtime.precision import Precision
 from runtime.progress import MetricLogger, SmoothedValue
 from runtime.distributed import seed_for_rank, unwrap_model
-from training.fault_injection import exit_abruptly, exit_step
+from training.fault_injection import exit_abruptly, exit_step, interrupt_self, interrupt_step
 from utils import move_to_device, seed_everything, set_rng_state
 
 
@@ -172,7 +172,8 @@ def _optimizer_step(optimizer, named_parameters: list, precision: Precision, max
 
 
 def _after_update(epoch: int, batches_done: int, total: int, update_index: int, global_step: int, options: LoopOptions,
-                  metric_logger: MetricLogger, checkpointer, experiment_logger, stop_after: int) -> None:
+                  metric_logger: MetricLogger, checkpointer, experiment_logger, stop_after: int,
+                  interrupt_after: int) -> None:
     """After an optimiser step: scalars to tensorboard/wandb, the mid-epoch checkpoint when due
     (with the running averages, so a resumed epoch reports the same averages), and the
     failure-injection stop."""
@@ -187,6 +188,8 @@ def _after_update(epoch: int, batches_done: int, total: int, update_index: int, 
                            meters=metric_logger.state_dict())
     if global_step == stop_after:
         exit_abruptly(global_step)
+    if global_step == interrupt_after:
+        interrupt_self()
 
 
 def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precision: Precision,
@@ -228,7 +231,7 @@ def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precis
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     if skip and resume.meters is not None:
         metric_logger.load_state_dict(resume.meters)  # the epoch's averages cover every batch
-    stop_after = exit_step()
+    stop_after, interrupt_after = exit_step(), interrupt_step()
     optimizer.zero_grad(set_to_none=True)
     header = f"Train epoch: [{epoch}]"
     in_progress = skip  # the batch being fetched or trained, for the line that reports a stop
@@ -257,7 +260,7 @@ def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precis
             if is_update:
                 _optimizer_step(optimizer, named_parameters, precision, options.max_grad_norm, metric_logger)
                 _after_update(epoch, index + 1, total, update_index, epoch * updates_per_epoch + update_index + 1,
-                              options, metric_logger, checkpointer, experiment_logger, stop_after)
+                              options, metric_logger, checkpointer, experiment_logger, stop_after, interrupt_after)
             in_progress = index + 1
     metric_logger.synchronize_between_processes()
     print(f"Averaged stats: {metric_logger}")

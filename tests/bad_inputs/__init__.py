@@ -8,7 +8,7 @@ regular expression. No case may print a traceback.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +51,7 @@ class Case:
     stream: str = "error"  # "error": one `error:` line on stderr; "warning": a `warning:` line
     setup: Callable[[Workspace], None] | None = None  # prepares the case's folder first
     timeout: int = 300
+    env: dict = field(default_factory=dict)  # set for the command beside the test's own environment
 
 
 def all_cases() -> list[tuple[str, Case]]:
