@@ -10,10 +10,10 @@ from evaluation import evaluation_protocol
 from evaluation.metrics import retrieval_metrics
 from evaluation.retrieval import RetrievalSettings, score_matrices, write_submission
 from models import create_model
-from training.cli import build_arg_parser, setup_run
-from training.compile import compile_visual_encoder
 from runtime.distributed import get_rank, get_world_size, is_main_process, unwrap_model
 from runtime.errors import run_cli
+from training.cli import build_arg_parser, setup_run
+from training.compile import compile_visual_encoder
 from training.fit import fit, report_test
 from training.logging import print_model_summary
 from training.objectives import retrieval_losses

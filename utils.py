@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 # Environment settings through which a user has already chosen how malloc behaves.
 _ALLOCATOR_SETTINGS = ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
                        "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")

@@ -5,14 +5,14 @@ takes one batch of each. `pretrained:` in the config continues from a BLIP image
 checkpoint or a TESTA checkpoint. A checkpoint is written every epoch.
 """
 from configs.keys import ConfigError, value
+from configs.load import load_config
 from data.loader import create_loader, create_sampler
 from data.shards import create_pretrain_dataset
 from models import create_model
-from training.cli import build_arg_parser, setup_run
-from training.compile import compile_visual_encoder
-from configs.load import load_config
 from runtime.distributed import get_rank, get_world_size
 from runtime.errors import UserError, run_cli
+from training.cli import build_arg_parser, setup_run
+from training.compile import compile_visual_encoder
 from training.fit import fit
 from training.logging import print_model_summary
 from training.objectives import pretrain_losses

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
-from models import create_model
-from training.checkpoints import Checkpointer
 from configs.load import load_config
-from training.optim import create_optimizer
+from models import create_model
 from runtime.precision import make_precision
+from training.checkpoints import Checkpointer
+from training.optim import create_optimizer
 
 
 def model_with_optimizer_state(config_path: str):

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import common
-from utils import keep_freed_cpu_memory
 from models.timesformer import TimeSformer
 from models.timesformer_blocks import Attention
+from utils import keep_freed_cpu_memory
 
 # The published schedules, one (frames, patches) pair per block in frame&patch mode:
 # f32 configs use [1,12]*12 and f96 configs [4,8]*12; 8 frames uses the f32 schedule (its

@@ -24,9 +24,9 @@ from torch import nn
 
 from benchmarks import common
 from configs.load import load_config
-from utils import keep_freed_cpu_memory
 from models import create_model
 from models.testa_retrieval import rerank_scores
+from utils import keep_freed_cpu_memory
 
 PUBLISHED_CHUNK = 16
 SECTIONS = ('throughput', 'rerank', 'full', 'low_resource', 'shared_kv')

@@ -25,11 +25,10 @@ import torch
 
 from benchmarks import common
 from benchmarks.bench_data import make_long_clip
-
+from configs.load import load_config
 from inference.api import VideoFiles, VideoLanguageModel, collate_clips
 from inference.index import update_index
 from models import create_model
-from configs.load import load_config
 
 CONFIG = common.REPO_ROOT + "/configs/retrieval_didemo_f32.yaml"
 # The text side is not part of indexing: the toy BERT keeps the checkpoint small.

@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
-
+from configs.load import load_config
 from inference.api import itc_shortlist
 from models import create_model
 from models.testa_retrieval import rerank_scores
-from configs.load import load_config
 
 # (name, config, overrides, video tokens per candidate). The video encoder is unused here: one block.
 TEXT_ENCODERS = (("toy", "configs/toy/retrieval.yaml", ["depth=1", "testa_r=[1, 2]"], None),

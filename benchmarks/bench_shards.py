@@ -19,12 +19,12 @@ import torch
 
 from benchmarks import common
 from benchmarks.bench_data import make_long_clip
+from configs.load import load_config
 from data.datasets import PretrainDataset
 from data.loader import create_loader, create_sampler
 from data.pack_shards import pack
 from data.shards import ShardedPretrainDataset
 from data.toy import write_corpus
-from configs.load import load_config
 
 BATCH_SIZE = 4
 

@@ -26,11 +26,11 @@ import sys
 import tarfile
 import tempfile
 
-from benchmarks import common
 import torch
 
-from models.timesformer import build_video_encoder
+from benchmarks import common
 from configs.load import load_config
+from models.timesformer import build_video_encoder
 from utils import dispatched_ops, keep_freed_cpu_memory
 
 CONFIG = 'configs/retrieval_didemo_f32.yaml'

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tests.helpers import (E2E, E2E_FORMATS, E2E_METRIC_NAMES, FIXTURES, e2e_evaluate_command, fixture_config,
-                           load_exact)
+from tests.helpers import E2E, E2E_FORMATS, E2E_METRIC_NAMES, FIXTURES, e2e_evaluate_command, fixture_config, load_exact
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,7 @@ from pathlib import Path
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from configs.keys import (CONFIG_KEYS, ConfigError, check, check_values, task_of, unknown_key_message, unread_keys,
-                          value)
+from configs.keys import CONFIG_KEYS, ConfigError, check, check_values, task_of, unknown_key_message, unread_keys, value
 from runtime.distributed import is_main_process
 
 RUN_NAMES = {"pretrain": "pre-training", "retrieval": "retrieval", "qa": "video QA"}

@@ -17,7 +17,6 @@ import torchvision.transforms.v2.functional as F
 
 from runtime.errors import DataError, one_line
 
-
 STRATEGIES = ("uniform", "uniform_spread", "nlvl_uniform", "nlvl_rand", "rand", "headtail")
 # A warning is due when 'uniform' leaves more than this share of a clip's tail unsampled.
 UNSAMPLED_TAIL_WARNING = 0.25

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 
 from configs.keys import ConfigError, value
-from runtime.sharding import shard_indices
 from evaluation.metrics import TIE_RULES
 from models.testa_retrieval import rerank_scores, rows_per_itm_batch
 from runtime.distributed import gather_objects, get_rank, get_world_size
 from runtime.numerics import require_finite
 from runtime.progress import MetricLogger
+from runtime.sharding import shard_indices
 
 TEXT_BATCH = 256
 

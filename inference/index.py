@@ -43,8 +43,8 @@ import torch
 
 from configs.keys import ENCODER_KEYS, value
 from runtime.errors import UserError, user_message
-from runtime.run_lock import acquire_run_lock, release_run_lock
 from runtime.progress import ProgressLine
+from runtime.run_lock import acquire_run_lock, release_run_lock
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -8,7 +8,6 @@ import time
 from typing import Callable
 
 
-
 class UserError(Exception):
     """A mistake in the user's input (flags, files, config, data, checkpoints): reported in one
     line. Takes one message, so that torch's DataLoader can re-raise one from a worker as

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import torch
 
+from configs.load import load_config
 from data.toy import write_corpus
 from models import create_model
 from tests.helpers import REPO_ROOT
-from configs.load import load_config
 
 # A 2-block toy model (two testa_r entries per block), decoding in the test process.
 SMALL = ["depth=2", "testa_r=[1, 2, 1, 2]", "num_workers=0"]

@@ -9,16 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from inference.aggregation import (BORDER_COLOUR, GAP, region_colors, render_aggregation, tinted_frame, token_colors,
+                                   token_regions)
 from models.pixels import normalize
-from inference.aggregation import (
-    BORDER_COLOUR,
-    GAP,
-    region_colors,
-    render_aggregation,
-    tinted_frame,
-    token_colors,
-    token_regions,
-)
 from models.timesformer import TimeSformer
 from tests.helpers import REPO_ROOT
 from utils import dispatched_ops

@@ -19,8 +19,8 @@ CASES = all_cases()
 @pytest.fixture(scope="session")
 def shared(tmp_path_factory):
     """A toy corpus and toy-sized checkpoints of the three model families."""
-    from models import create_model
     from configs.load import load_config
+    from models import create_model
     root = tmp_path_factory.mktemp("bad_inputs")
     corpus = root / "corpus"
     write_corpus(corpus, num_clips=16, frames=8, size=64, seed=0, num_images=2)

@@ -9,16 +9,15 @@ import torch
 from ruamel.yaml import YAML
 from torch import nn
 
+from configs.load import load_config
 from evaluation import evaluation_protocol
 from models import create_model
-from models.checkpoint import (CheckpointError, check_recorded_settings, load_checkpoint, model_settings,
-                               read_checkpoint)
+from models.checkpoint import CheckpointError, check_recorded_settings, load_checkpoint, model_settings, read_checkpoint
+from runtime.errors import UserError
+from runtime.precision import make_precision
 from tests.helpers import REPO_ROOT
 from training.checkpoints import Checkpointer, resume_differences, training_settings
 from training.cli import build_arg_parser, check_resume_fits, keep_previous_config, setup_run
-from configs.load import load_config
-from runtime.errors import UserError
-from runtime.precision import make_precision
 
 TOY_RETRIEVAL = REPO_ROOT / "configs" / "toy" / "retrieval.yaml"
 

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
+from runtime.errors import UserError
 from tests.launching import environment, run_together, torchrun_nodes
 from training.compile import compile_visual_encoder
-from runtime.errors import UserError
 
 
 def fine_tune(small_corpus, out, *flags) -> str:

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from configs.keys import CONFIG_KEYS, DATASET_TASKS, FRAME_SAMPLING, ConfigError, task_of
-from models.timesformer import build_video_encoder
-from tests.helpers import REPO_ROOT
 from configs.load import load_config
 from models.schedule import clamped_merges, merge_schedule
+from models.timesformer import build_video_encoder
+from tests.helpers import REPO_ROOT
 
 TOY = REPO_ROOT / "configs" / "toy"
 # The encoder of the toy configs at depth 2: 8 frames of 4 x 4 patches, testa_r read as 2 x 2 entries.

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from data.compress import main as compress_main
 from data.datasets import DATASETS, create_dataset
 from data.loader import create_loader, vqa_collate_fn
 from data.text import pre_caption
-from data.compress import main as compress_main
+from data.toy import COLORS
 from data.toy import main as toy_main
-from data.toy import COLORS, random_events, render_event, write_corpus, write_mp4
+from data.toy import random_events, render_event, write_corpus, write_mp4
 from data.video import STRATEGIES, VideoReadError, read_video
 
 FRAMES, SIZE = 8, 32

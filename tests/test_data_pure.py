@@ -8,15 +8,15 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from data import video
 from data.annotations import restricted_loads
 from data.loader import EvalShardSampler, create_sampler, vqa_collate_fn
-from runtime.sharding import shard_indices
 from data.text import pre_caption, pre_question
 from data.transforms import (AUGMENT_OPS, IMAGE_OPS, OP_PARAMETERS, SIGNED_IMAGE_OPS, VIDEO_OPS, EvalTransform,
                              ImageTrainTransform, VideoTrainTransform, apply_plan, random_resized_crop_box)
-from models.pixels import MEAN, STD, normalize
-from data import video
 from data.video import STRATEGIES, original_uniform_indices, sample_frame_indices
+from models.pixels import MEAN, STD, normalize
+from runtime.sharding import shard_indices
 
 
 def test_uniform_is_the_original_truncated_step():

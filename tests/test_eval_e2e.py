@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from data.datasets import create_dataset
-from models.pixels import normalize
 from data.video import sample_frame_indices
+from models.pixels import normalize
 from models.tokenizer import init_tokenizer
-from tests.helpers import E2E, E2E_FORMATS as FORMATS, E2E_METRIC_NAMES, REPO_ROOT, e2e_evaluate_command, e2e_paths
-from tests.helpers import read_yaml
+from tests.helpers import E2E
+from tests.helpers import E2E_FORMATS as FORMATS
+from tests.helpers import E2E_METRIC_NAMES, REPO_ROOT, e2e_evaluate_command, e2e_paths, read_yaml
 
 
 def reference(fmt):

@@ -3,14 +3,14 @@ import numpy as np
 import pytest
 import torch
 
+from configs.load import load_config
 from data.datasets import create_dataset
 from inference.api import VideoLanguageModel
-from runtime.precision import inference_precision
 from inference.index import VideoIndex, update_index
 from models.testa_retrieval import rerank_scores
-from tests.inference_toy import make_toy_setup
-from configs.load import load_config
 from runtime.errors import UserError
+from runtime.precision import inference_precision
+from tests.inference_toy import make_toy_setup
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_reference
 from torch import nn
 
-from conftest import load_reference
 from models.decoding import beam_search, nucleus_filter, sample_or_greedy
 from models.med import BertConfig, BertLMHeadModel, BertModel, tie_encoder_decoder_weights
 

@@ -7,7 +7,7 @@ import torch
 from models import create_model
 from models.testa_retrieval import rerank_scores
 from tests.conftest import load_reference
-from tests.helpers import load_exact, fixture_config
+from tests.helpers import fixture_config, load_exact
 
 ATOL = 1e-5
 

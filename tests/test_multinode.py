@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from tests.launching import environment, free_port, run_together, torchrun_nodes
 from runtime.distributed import expand_hostlist, slurm_environment
+from tests.launching import environment, free_port, run_together, torchrun_nodes
 
 
 def pretrain_args(small_corpus, out) -> list[str]:

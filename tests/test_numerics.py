@@ -10,12 +10,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from evaluation.metrics import best_ground_truth_ranks
 from evaluation.qa import nonfinite_values
 from evaluation.retrieval import cache_video_tokens
-from training.checkpoints import Checkpointer
 from runtime.errors import INTERRUPTED_EXIT_CODE, Interrupted, NonFiniteError, run_cli
-from training.fit import report_test
-from training.loop import LoopOptions, checkpoint_on_disk, position, save_if_finite, train_one_epoch
 from runtime.numerics import first_nonfinite_row, first_nonfinite_tensor, nonfinite_name, require_finite
 from runtime.precision import Precision, make_precision
+from training.checkpoints import Checkpointer
+from training.fit import report_test
+from training.loop import LoopOptions, checkpoint_on_disk, position, save_if_finite, train_one_epoch
 
 NAN, INF = float("nan"), float("inf")
 

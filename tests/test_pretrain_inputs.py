@@ -23,6 +23,7 @@ from ruamel.yaml import YAML
 from torchvision.transforms import InterpolationMode
 
 from configs.keys import value
+from configs.load import load_config
 from data.datasets import create_dataset
 from data.shards import create_pretrain_dataset
 from data.text import pre_caption
@@ -30,7 +31,6 @@ from data.toy import render_event, write_corpus
 from data.transforms import VIDEO_OPS, ImageTrainTransform, VideoTrainTransform, apply_plan
 from data.video import READER_VARIABLE, sample_frame_indices
 from tests.helpers import REPO_ROOT
-from configs.load import load_config
 
 VLEN = 20  # frames in each toy clip
 TOY = 64  # toy frame size in pixels

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from configs.keys import CONFIG_KEYS, value
-from tests.helpers import FIXTURES, REPO_ROOT
 from configs.load import load_config
+from tests.helpers import FIXTURES, REPO_ROOT
 
 ORIGINAL = json.loads((FIXTURES / "original_configs.json").read_text())["configs"]
 PATH_KEYS = {"video_root", "ann_root", "pretrained", "train_file"}

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from data import video
-from runtime.errors import DataError
-from data.transforms import AUGMENT_OPS
 from data.toy import write_mp4
+from data.transforms import AUGMENT_OPS
 from data.video import READER_VARIABLE, VideoReadError, read_video, reader_names, sample_frame_indices
+from runtime.errors import DataError
 from tests.helpers import REPO_ROOT
 
 READERS = reader_names()  # the readers installed here

@@ -17,16 +17,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data.datasets import create_dataset
-from data.loader import create_loader
-from data.video import VideoReadError
 from data.annotations import AnnotationError, read_json, read_jsonl, read_pickle
 from data.bad_inputs import PREFIX, BadInputLog
-from runtime.errors import DataError
+from data.datasets import create_dataset
+from data.loader import create_loader
 from data.toy import write_corpus
+from data.video import VideoReadError
+from runtime.errors import DataError, user_message
 from tests.helpers import REPO_ROOT
 from tests.test_scripts import SMALL, retrieval_args, run_script
-from runtime.errors import user_message
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +147,8 @@ def test_truncated_pickle_names_the_file(tmp_path):
 @pytest.fixture(scope="module")
 def random_weights(tmp_path_factory):
     """A randomly initialised checkpoint of the scripts' small toy retrieval model."""
-    from models import create_model
     from configs.load import load_config
+    from models import create_model
 
     path = tmp_path_factory.mktemp("weights") / "random.pth"
     cwd = os.getcwd()

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from data.toy import write_corpus
-from tests.helpers import REPO_ROOT, log_records, without
-from tests.test_scripts import SMALL, last_json_line, retrieval_args, run_script
 from runtime import precision as precision_module
 from runtime.errors import UserError
 from runtime.precision import make_precision
 from runtime.run_lock import acquire_run_lock, release_run_lock
+from tests.helpers import REPO_ROOT, log_records, without
+from tests.test_scripts import SMALL, last_json_line, retrieval_args, run_script
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,8 @@ def error_line(result) -> str:
 # ---- 1. a checkpoint must fit the model it is loaded into ------------------------------------
 def _toy_checkpoint(tmp_path, kind: str):
     """A toy-sized checkpoint of the retrieval or QA model (what a fine-tuning run writes)."""
-    from models import create_model
     from configs.load import load_config
+    from models import create_model
     config = load_config(REPO_ROOT / "configs" / "toy" / f"{kind}.yaml",
                          ["depth=2", f"med_config={REPO_ROOT / 'configs' / 'toy' / 'bert_toy.json'}"])
     path = tmp_path / f"{kind}.pth"

@@ -11,11 +11,11 @@ import webdataset
 from configs.keys import ConfigError
 from data import pack_shards
 from data.datasets import PretrainDataset
-from runtime.errors import DataError
 from data.loader import create_loader, create_sampler
 from data.pack_shards import pack, read_rows
 from data.shards import ShardedPretrainDataset
 from data.toy import write_corpus
+from runtime.errors import DataError
 from tests.helpers import REPO_ROOT, read_yaml
 from tests.test_scripts import last_json_line, run_script
 from training.loop import _batches_after

@@ -19,8 +19,8 @@ import video_tool
 from inference.aggregation import save_whole
 from inference.api import VideoLanguageModel
 from inference.index import IndexWriter, VideoIndex, read_manifest, update_index
-from tests.inference_toy import make_toy_setup
 from runtime.errors import UserError
+from tests.inference_toy import make_toy_setup
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

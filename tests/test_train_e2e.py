@@ -19,11 +19,11 @@ from data.loader import create_split_loaders, vqa_collate_fn
 from data.video import sample_frame_indices
 from models import create_model
 from models.pixels import normalize
+from runtime.precision import make_precision
 from tests.helpers import E2E, TRAIN_E2E, e2e_paths, read_yaml, train_e2e_config
 from training.loop import train_one_epoch
 from training.objectives import qa_losses, retrieval_losses
 from training.optim import create_optimizer, make_lr_schedule
-from runtime.precision import make_precision
 
 FORMATS = ["didemo", "activitynet", "queryd", "condensedmovies", "activitynet_qa"]
 # BERT's attention key biases get no true gradient (softmax ignores a shift along the keys),

@@ -2,9 +2,9 @@
 import pytest
 
 from configs.keys import ConfigError
-from training.cli import build_arg_parser, setup_run
 from configs.load import load_config, save_config
 from runtime.errors import UserError, run_cli
+from training.cli import build_arg_parser, setup_run
 
 
 def write(tmp_path, text, name="config.yaml"):

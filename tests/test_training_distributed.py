@@ -10,12 +10,12 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from evaluation.qa import merge_rank_results
-from runtime.distributed import all_gather_with_grad, concat_all_gather
-from training.checkpoints import Checkpointer
-from runtime.distributed import gather_objects, get_rank, get_world_size, init_distributed, is_main_process, seed_for_rank, wrap_distributed
-from training.loop import LoopOptions, train_one_epoch
+from runtime.distributed import (all_gather_with_grad, concat_all_gather, gather_objects, get_rank, get_world_size,
+                                 init_distributed, is_main_process, seed_for_rank, wrap_distributed)
 from runtime.precision import make_precision
 from runtime.progress import MetricLogger
+from training.checkpoints import Checkpointer
+from training.loop import LoopOptions, train_one_epoch
 from utils import seed_everything
 
 

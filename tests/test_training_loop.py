@@ -12,15 +12,15 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from configs.keys import ConfigError
-from training.checkpoints import Checkpointer
-from training.cli import build_arg_parser
 from runtime.distributed import setup_for_distributed
 from runtime.errors import UserError
+from runtime.precision import make_precision
+from runtime.progress import MetricLogger
+from training.checkpoints import Checkpointer
+from training.cli import build_arg_parser
 from training.logging import ExperimentLogger, count_parameters, log_epoch, print_model_summary, visual_gmacs_per_clip
 from training.loop import LoopOptions, train_one_epoch
 from training.optim import alpha_ramp, cosine_lr, create_optimizer, make_lr_schedule, param_groups_for_weight_decay
-from runtime.precision import make_precision
-from runtime.progress import MetricLogger
 from utils import _ALLOCATOR_SETTINGS, atomic_torch_save, get_rng_state, seed_everything, set_rng_state
 
 

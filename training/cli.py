@@ -10,16 +10,16 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from configs.keys import value
+from configs.load import load_config, save_config
 from data.video import reader_names
 from models.checkpoint import read_checkpoint
-from training.checkpoints import resume_differences, resume_path, training_settings
-from configs.load import load_config, save_config
 from runtime.distributed import gather_objects, get_world_size, init_distributed, is_main_process, seed_for_rank
 from runtime.errors import UserError
-from training.logging import write_results
 from runtime.precision import PRECISION_METHODS, Precision, make_precision
 from runtime.provenance import provenance
 from runtime.run_lock import acquire_run_lock
+from training.checkpoints import resume_differences, resume_path, training_settings
+from training.logging import write_results
 from utils import keep_freed_cpu_memory, seed_everything
 
 

@@ -8,13 +8,12 @@ import torch
 
 from configs.keys import value
 from models.checkpoint import load_checkpoint
+from runtime.distributed import gather_objects, is_main_process, unwrap_model, wrap_distributed
 from training.checkpoints import Checkpointer
 from training.cli import Run
-from runtime.distributed import gather_objects, is_main_process, unwrap_model, wrap_distributed
 from training.logging import ExperimentLogger, log_epoch, write_results
 from training.loop import LoopOptions, checkpoint_on_disk, save_if_finite, stops_reported, train_one_epoch
 from training.optim import create_optimizer, make_lr_schedule
-
 
 # What each of a dataset's input logs counts, as the epoch's summary says it.
 EPOCH_COUNTS = (("bad_inputs", "unreadable inputs were replaced"),

@@ -7,7 +7,6 @@ import torch
 from configs.keys import ConfigError, value
 from runtime.distributed import unwrap_model
 
-
 # Learned tokens, position/time embeddings and scales: the project's own exemption rule
 # decays none of them (nor any 1-D tensor).
 EMBEDDING_NAMES = frozenset({"cls_token", "pos_embed", "time_embed", "temporal_scaling", "temp"})
