@@ -122,6 +122,12 @@ def _report(message: str) -> None:
     sys.stderr.flush()
 
 
+def _launched_as_rank_zero() -> bool:
+    # The launcher's RANK (torchrun, or srun's as init_distributed sets it), not the process
+    # group's: an error can come before the group exists, and the group is gone by the report.
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run `main()`; user mistakes and environment failures print one `error: ...` line to
     stderr and exit 1, Ctrl-C one `error: interrupted ...` line and exit 130. Under torchrun
@@ -134,7 +140,7 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt as interrupt:
         # Ctrl-C reaches every process of the terminal's group, torchrun's workers included:
         # rank 0 says where the run stopped (Interrupted's message), the others stay quiet.
-        if int(os.environ.get("RANK", 0)) == 0:
+        if _launched_as_rank_zero():
             _report(str(interrupt) if isinstance(interrupt, Interrupted) else "interrupted")
         # An object the interrupt cut short while it was being built (a video decoder, say) can
         # fail again when it is freed: that noise says nothing the line above does not.
@@ -146,7 +152,7 @@ def run_cli(main: Callable[[], object]) -> None:
             sys.exit(1)
         if message is None:
             raise
-        if int(os.environ.get("RANK", 0)) != 0:
+        if not _launched_as_rank_zero():
             # One line, not one per process: rank 0 meets the same error, reports it and exits,
             # and torchrun then stops this process during the wait. Exiting at once instead
             # could get rank 0 stopped before it prints. A rank still alive after the wait has
