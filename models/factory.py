@@ -60,12 +60,10 @@ def _components(config: dict, bert_file: str, with_decoder: bool):
 
 def _retrieval_model(config: dict) -> VideoRetrievalModel:
     tokenizer, visual_encoder, text_encoder, _ = _components(config, "med_config.json", with_decoder=False)
-    model = VideoRetrievalModel(visual_encoder, text_encoder, tokenizer, embed_dim=value(config, "embed_dim"),
-                                queue_size=value(config, "queue_size", "the retrieval model"),
-                                momentum=value(config, "momentum"),
-                                negative_all_rank=value(config, "negative_all_rank"),
-                                max_words=value(config, "text_max_tokens"))
-    return model
+    return VideoRetrievalModel(visual_encoder, text_encoder, tokenizer, embed_dim=value(config, "embed_dim"),
+                               queue_size=value(config, "queue_size", "the retrieval model"),
+                               momentum=value(config, "momentum"), negative_all_rank=value(config, "negative_all_rank"),
+                               max_words=value(config, "text_max_tokens"))
 
 
 def _qa_model(config: dict) -> VideoQAModel:
@@ -75,11 +73,10 @@ def _qa_model(config: dict) -> VideoQAModel:
 
 def _pretrain_model(config: dict) -> VideoPretrainModel:
     tokenizer, visual_encoder, text_encoder, text_decoder = _components(config, "bert_config.json", with_decoder=True)
-    model = VideoPretrainModel(visual_encoder, text_encoder, text_decoder, tokenizer,
-                               embed_dim=value(config, "embed_dim"),
-                               queue_size=value(config, "queue_size", "the pre-training model"),
-                               momentum=value(config, "momentum"))
-    return model
+    return VideoPretrainModel(visual_encoder, text_encoder, text_decoder, tokenizer,
+                              embed_dim=value(config, "embed_dim"),
+                              queue_size=value(config, "queue_size", "the pre-training model"),
+                              momentum=value(config, "momentum"))
 
 
 # The model of each task (configs.keys.task_of names the task a config is for).
