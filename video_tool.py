@@ -1,38 +1,53 @@
 """Use a trained model on your own videos: index a folder and search it, ask, caption, show.
 
-    python video_tool.py index VIDEOS --index IDX --config CFG --checkpoint CKPT [--tokens]
+    python video_tool.py index VIDEOS --index IDX --config CFG --checkpoint CKPT [--tokens] [--embedding_dtype float16]
     python video_tool.py search --index IDX "a red circle moves left" [-k 10] [--rerank 16] [--json] [--report DIR]
-    python video_tool.py ask VIDEO "what moves first?" --config CFG --checkpoint QA_CKPT [--answers FILE]
-    python video_tool.py caption VIDEO --config CFG --checkpoint PRETRAIN_CKPT [--sample --seed 0]
+        [--approximate]
+    python video_tool.py ask VIDEO "what moves first?" --config CFG --checkpoint QA_CKPT [--answers FILE] [--index IDX]
+    python video_tool.py caption VIDEO --config CFG --checkpoint PRETRAIN_CKPT [--sample --seed 0] [--index IDX]
     python video_tool.py show VIDEO --out agg.png --config CFG --checkpoint CKPT [--per_block] [--gif] [--scale 4]
 
 `index` and `search` take the config and checkpoint from the index when not given. A
 mistake in the input or a failing environment (a full disk) prints one `error:` line and
-exits with status 1; numbers out of range are refused before any work.
+exits with status 1; numbers out of range, missing files and an unusable --report folder are
+refused before any model is loaded. Ctrl-C prints one `error: interrupted ...` line and exits
+with status 130. Only a command's result goes to stdout (the table, the JSON, the answer, the
+caption, the pictures' paths, the index's summary); everything else (progress, warnings, what
+loading prints, the report's path) goes to stderr, so `search --json` prints JSON alone.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 
-from runtime.errors import UserError, run_cli
+from runtime.errors import Interrupted, UserError, run_cli
 
 # (least, most) of each numeric flag; None: no bound. Beyond a --scale of 32 a 224 px frame is
 # over 7,000 px wide, more memory than a picture is worth. torch seeds are 64-bit.
 NUMBER_RANGES = {"k": (1, None), "rerank": (0, None), "batch_size": (1, None), "num_workers": (0, None),
                  "scale": (1, 32), "seed": (0, 2**64 - 1)}
+# runtime.precision.INFERENCE_PRECISIONS (not imported here: it imports torch, which --help does not need).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 # The model each command needs; `show` pictures the video encoder of any family.
 COMMAND_TASKS = {"index": "retrieval", "search": "retrieval", "ask": "QA", "caption": "pre-training", "show": None}
+
+
+STORED_TOKENS_HELP = ("an index made with --tokens that holds VIDEO: its stored tokens are used instead of decoding "
+                      "the file, where the same video encoder made them (else the file is decoded; stderr says which)")
 
 
 def add_model_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--config", required=required, help="the model's YAML config")
     parser.add_argument("--checkpoint", required=required, help="a checkpoint file (training or released)")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto (default) says what it picks on stderr; int8: the video encoder quantised, CPU only")
     parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. --options num_frm_test=16")
 
@@ -44,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("folder")
     index.add_argument("--index", required=True, help="the index folder")
     index.add_argument("--tokens", action="store_true", help="also store the ITM tokens (fast re-ranking, large)")
+    index.add_argument("--embedding_dtype", choices=("float32", "float16"), default=None,
+                       help="how the ITC embeddings are stored (default: the index's, float32 for a new one); "
+                            "float16 halves their size and search time, rounding the ITC scores")
     index.add_argument("--batch_size", type=int, default=None)
     index.add_argument("--num_workers", type=int, default=None, help="decoding processes (default: the config's)")
     add_model_options(index, required=False)
@@ -54,16 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--rerank", type=int, default=16, help="ITC candidates re-ranked by ITM (0: ITC only)")
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     search.add_argument("--report", default=None, metavar="OUT_DIR", help="also write an HTML report there")
+    search.add_argument("--approximate", action="store_true",
+                        help="faiss inverted-file search instead of exact search, for millions of videos (needs "
+                             "pip install faiss-cpu; built on first use and kept in the index folder)")
     add_model_options(search, required=False)
     ask = commands.add_parser("ask", help="answer a question about a video (QA checkpoint)")
     ask.add_argument("video")
     ask.add_argument("question")
     ask.add_argument("--answers", default=None, help="candidate answers: a JSON list or one per line")
+    ask.add_argument("--index", default=None, help=STORED_TOKENS_HELP)
     add_model_options(ask)
     caption = commands.add_parser("caption", help="caption a video (pre-training checkpoint)")
     caption.add_argument("video")
     caption.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
     caption.add_argument("--seed", type=int, default=None, help="makes --sample repeatable")
+    caption.add_argument("--index", default=None, help=STORED_TOKENS_HELP)
     add_model_options(caption)
     show = commands.add_parser("show", help="picture the token aggregation of a video")
     show.add_argument("video")
@@ -94,35 +117,89 @@ def load_model(args, manifest: dict | None = None):
         raise UserError(f"{args.command} needs --config and --checkpoint (or an existing --index)")
     config = args.config or manifest["config"]
     checkpoint = args.checkpoint or manifest["checkpoint"]["path"]
-    return VideoLanguageModel.load(config, checkpoint, args.device, args.precision, args.options,
+    precision = args.precision
+    if manifest is not None:  # index, search: 'auto' takes the index's precision where it can
+        from runtime.distributed import choose_device
+        from runtime.precision import precision_for_index
+        precision, reason = precision_for_index(args.precision, manifest.get("precision"), choose_device(args.device),
+                                                args.index, updating=args.command == "index")
+        if reason:
+            print(f"precision: auto -> {precision} ({reason})", file=sys.stderr, flush=True)
+    return VideoLanguageModel.load(config, checkpoint, args.device, precision, args.options,
                                    task=COMMAND_TASKS[args.command], purpose=args.command)
 
 
-def run_index(args) -> None:
-    from inference.index import read_manifest, update_index
-    model = load_model(args, read_manifest(args.index))
-    summary = update_index(model, args.folder, args.index, args.batch_size, args.num_workers, args.tokens)
-    print(f"index {args.index}: {summary.kept + summary.added} videos ({summary.added} encoded, {summary.kept} "
-          f"unchanged, {summary.dropped} dropped), {summary.unreadable} unreadable")
-    for path, reason in summary.failed.items():
-        print(f"unreadable: {path}: {reason}")
-
-
-def run_search(args) -> None:
+def stored_tokens(model, args):
+    """The video's tokens from `--index` where they stand for this model's (inference/stored.py),
+    else None: the file is decoded. Says which on stderr."""
+    if not args.index:
+        return None
     from inference.index import VideoIndex
+    from inference.stored import stored_tokens as lookup
+    found = lookup(model, VideoIndex.open(args.index), args.video)
+    print(found.note, file=sys.stderr, flush=True)
+    return found.tokens
+
+
+def check_exists(path, kind: str) -> None:
+    """A missing `path` is `file not found: PATH` (runtime/errors.py), one of the other kind (a
+    folder given for a video, a file for a folder) says so: cheap, so before any model is loaded."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    if kind == "folder" and not os.path.isdir(path):
+        raise UserError(f"not a folder: {path}; index takes the folder that holds the videos")
+    if kind == "video" and os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a video file")
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def run_index(args, out) -> None:
+    from inference.index import VIDEO_SUFFIXES, read_manifest, update_index
+    check_exists(args.folder, "folder")
+    try:
+        model = load_model(args, read_manifest(args.index))
+        summary = update_index(model, args.folder, args.index, args.batch_size, args.num_workers, args.tokens,
+                               args.embedding_dtype)
+    except Interrupted:  # update_index says what the index folder holds
+        raise
+    except KeyboardInterrupt:  # before update_index began its work: loading, importing
+        raise Interrupted(f"interrupted: index {args.index} not updated (nothing of this run was committed)") \
+            from None
+    videos = summary.kept + summary.added
+    print(f"index {args.index}: {videos} videos ({summary.added} encoded, {summary.kept} "
+          f"unchanged, {summary.dropped} dropped), {summary.unreadable} unreadable", file=out)
+    for path, reason in summary.failed.items():
+        print(f"unreadable: {path}: {reason}", file=out)
+    if videos + summary.unreadable == 0:  # every file found is kept, encoded or unreadable: none was found
+        warn(f"no videos in {args.folder} (looked for {', '.join(VIDEO_SUFFIXES)} files, in any case, in it and its "
+             f"subfolders); the index {args.index} holds none")
+
+
+def run_search(args, out) -> None:
+    from inference.index import VideoIndex
+    from inference.report import check_replaceable
+    if args.report:
+        check_replaceable(args.report)  # before the search: an unusable folder is known at once
     index = VideoIndex.open(args.index)
+    if args.approximate:
+        from inference.search import import_faiss
+        import_faiss()  # an optional package: its absence is one line, before the model is loaded
     model = load_model(args, index.manifest)
-    hits = [hit.as_dict() for hit in model.search(args.query, index, args.k, args.rerank)]
+    hits = [hit.as_dict() for hit in model.search(args.query, index, args.k, args.rerank, args.approximate)]
     if args.json:
         print(json.dumps({"query": args.query, "hits": [{"rank": n, **hit} for n, hit in enumerate(hits, 1)]},
-                         indent=1))
+                         indent=1), file=out)
     else:
-        print(f"{'rank':>4}  {'score':>8}  {'itc':>7}  path")
+        print(f"{'rank':>4}  {'score':>8}  {'itc':>7}  path", file=out)
         for rank, hit in enumerate(hits, 1):
             score = "-" if hit["score"] is None else f"{hit['score']:.4f}"
-            print(f"{rank:>4}  {score:>8}  {hit['itc_score']:>7.4f}  {shown_path(hit['path'])}")
+            print(f"{rank:>4}  {score:>8}  {hit['itc_score']:>7.4f}  {shown_path(hit['path'])}", file=out)
+    out.flush()
     if args.report:
-        print(f"report: {write_search_report(model, args.report, args.query, hits)}")
+        print(f"report: {write_search_report(model, args.report, args.query, hits)}", file=sys.stderr)
 
 
 def shown_path(path: str) -> str:
@@ -155,35 +232,46 @@ def read_answers(path) -> list[str]:
     return answers
 
 
-def run_ask(args) -> None:
+def run_ask(args, out) -> None:
+    check_exists(args.video, "video")
+    answers = read_answers(args.answers) if args.answers else None
     model = load_model(args)
-    print(model.ask(args.video, args.question, read_answers(args.answers) if args.answers else None))
+    print(model.ask(args.video, args.question, answers, tokens=stored_tokens(model, args)), file=out)
 
 
-def run_caption(args) -> None:
+def run_caption(args, out) -> None:
+    check_exists(args.video, "video")
     model = load_model(args)
-    print(model.caption(args.video, "nucleus" if args.sample else "beam", seed=args.seed))
+    print(model.caption(args.video, "nucleus" if args.sample else "beam", seed=args.seed,
+                        tokens=stored_tokens(model, args)), file=out)
 
 
-def run_show(args) -> None:
+def run_show(args, out) -> None:
     from PIL import Image
 
     from inference.aggregation import render_aggregation
     if Path(args.out).suffix.lower() not in Image.registered_extensions():
         raise UserError(f"--out {args.out}: not a picture file name; use a .png name")
+    check_exists(args.video, "video")
     model = load_model(args)
     clip = model.load_clip(args.video)
     for path in render_aggregation(model.model.visual_encoder, clip.tensor.to(model.device), clip.frames,
                                    Path(args.out), per_block=args.per_block, gif=args.gif, scale=args.scale):
-        print(path)
+        print(path, file=out)
 
 
 COMMANDS = {"index": run_index, "search": run_search, "ask": run_ask, "caption": run_caption, "show": run_show}
 
 
 def run(args) -> None:
+    """The command, its result printed to stdout (`out`) and everything else to stderr: print()
+    anywhere below (progress lines, warnings, the libraries' own) writes to stderr, as Unix tools
+    keep their messages out of the output that scripts read."""
+    from runtime.interrupts import interrupts_not_swallowed
     check_numbers(args)
-    COMMANDS[args.command](args)
+    out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr), interrupts_not_swallowed():
+        COMMANDS[args.command](args, out)
 
 
 def main(argv=None) -> None:

@@ -14,6 +14,9 @@ and re-ranking is the evaluation's own code (models.testa_retrieval.rerank_score
 """
 from __future__ import annotations
 
+import errno
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,12 +30,15 @@ from data.datasets import RETRIEVAL_FORMATS, ClipDataset
 from data.preprocess import ClipPreprocess
 from data.text import pre_caption, pre_question
 from data.video import VideoReadError, worker_init_fn
+from inference.search import approximate_top_k, exact_top_k, open_approximate
+from inference.stored import encoder_fingerprint
 from models import create_model_and_transforms
 from models.checkpoint import CheckpointError, checkpoint_family, read_checkpoint, state_dict_of, task_of
 from models.testa_retrieval import rerank_scores
 from runtime.distributed import choose_device
 from runtime.errors import UserError
-from runtime.precision import Precision, inference_precision
+from runtime.interrupts import ignore_interrupts, interrupts_held
+from runtime.precision import Precision, inference_precision, quantize_linear_layers
 
 # The front door's name of the model of each checkpoint family (models.create_model_and_transforms).
 MODEL_TASKS = {"retrieval": "retrieval", "QA": "qa", "pre-training": "pretrain"}
@@ -43,9 +49,16 @@ LOADABLE_AS = {"retrieval": ("retrieval",), "QA": ("QA",), "pre-training": ("pre
 DEFAULT_BATCH_SIZE = 8
 
 
+def check_exists(path) -> None:
+    """A missing video is FileNotFoundError (`file not found: PATH`), not a decoding failure."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+
+
 class VideoFiles(ClipDataset):
     """Any list of video files as an evaluation dataset: item i is (clip, i, None), or
-    (None, i, reason) for a file no reader can decode, so one broken file stops nothing."""
+    (None, i, reason) for a file that is missing or that no reader can decode, so one broken
+    file stops nothing."""
 
     def __init__(self, config: dict, paths):
         super().__init__(config, "video files", train=False, substitute_black_on_error=False)
@@ -55,10 +68,26 @@ class VideoFiles(ClipDataset):
         return len(self.paths)
 
     def item(self, index, rng=None):
+        if not os.path.exists(self.paths[index]):  # not tried by every reader (decord would print its failure)
+            return None, index, f"file not found: {self.paths[index]}"
         try:
             return self.load_video(self.paths[index]), index, None
         except VideoReadError as error:
             return None, index, str(error)
+
+
+def decoding_worker_init(worker_id):
+    """A decoding worker leaves Ctrl-C to the main process (runtime/interrupts.py), which ends it."""
+    ignore_interrupts()
+    worker_init_fn(worker_id)
+
+
+class VideoLoader(DataLoader):
+    """A DataLoader whose workers start with SIGINT held back until they ignore it (decoding_worker_init)."""
+
+    def __iter__(self):
+        with interrupts_held():
+            return super().__iter__()
 
 
 def collate_clips(batch):
@@ -101,10 +130,15 @@ class Hit:
         return {"path": self.path, "score": self.score, "itc_score": self.itc_score}
 
 
-def itc_shortlist(text_embedding: torch.Tensor, video_embeddings: np.ndarray, count: int):
-    """ITC similarities (1, N) of one text to every video, and the `count` best rows, best first."""
-    itc = text_embedding @ torch.from_numpy(np.asarray(video_embeddings, np.float32)).T
-    return itc, itc[0].topk(min(count, itc.shape[1])).indices.tolist()
+def itc_shortlist(text_embedding: torch.Tensor, video_embeddings: np.ndarray, count: int, approximate=None):
+    """The `count` best rows for one text, best first (equal similarities: lower row first), and their
+    ITC similarities (1, count): exact search in chunks of the (memory-mapped) embeddings, or
+    `approximate` (an inference.search.ApproximateIndex) re-scored exactly."""
+    if approximate is None:
+        scores, rows = exact_top_k(text_embedding, video_embeddings, count)
+    else:
+        scores, rows = approximate_top_k(text_embedding, video_embeddings, count, approximate)
+    return scores[None], rows.tolist()
 
 
 class VideoLanguageModel:
@@ -115,6 +149,7 @@ class VideoLanguageModel:
         self.model, self.preprocess, self.config, self.checkpoint, self.task = model, preprocess, config, checkpoint, task
         self.device, self.precision = device, precision
         self.autocast = precision.autocast
+        self._encoder_sha256: str | None = None
 
     @classmethod
     def load(cls, config, checkpoint, device=None, precision: str = "auto", overrides=(), task: str | None = None,
@@ -144,7 +179,23 @@ class VideoLanguageModel:
                                   f"{checkpoint_family(state_dict)} checkpoint")
         model, preprocess = create_model_and_transforms(config, MODEL_TASKS[task], checkpoint=str(checkpoint),
                                                         device=device, verbose=verbose)
-        return cls(model.eval(), preprocess, config, Path(checkpoint), task, device, precision)
+        encoder_sha256 = None
+        if precision.int8:  # the fingerprint is of the weights as loaded, before they are quantised
+            encoder_sha256 = encoder_fingerprint(model.visual_encoder)
+            model.visual_encoder = quantize_linear_layers(model.visual_encoder)
+        if precision.reason:  # 'auto' says what it chose, in one line
+            print(f"precision: auto -> {precision.name} ({precision.reason})", file=sys.stderr, flush=True)
+        loaded = cls(model.eval(), preprocess, config, Path(checkpoint), task, device, precision)
+        loaded._encoder_sha256 = encoder_sha256
+        return loaded
+
+    @property
+    def encoder_sha256(self) -> str:
+        """sha256 of the video encoder's weights as loaded (inference.stored.encoder_fingerprint): equal
+        for two models whose encoders give the same tokens, whatever their checkpoints' other parts."""
+        if self._encoder_sha256 is None:
+            self._encoder_sha256 = encoder_fingerprint(self.model.visual_encoder)
+        return self._encoder_sha256
 
     def _require(self, tasks: tuple, action: str) -> None:
         if self.task not in tasks:
@@ -156,9 +207,9 @@ class VideoLanguageModel:
         """Decoding in `num_workers` worker processes (default: the config's num_workers) while
         the model encodes the previous batch."""
         workers = value(self.config, "num_workers") if num_workers is None else num_workers
-        return DataLoader(VideoFiles(self.config, paths), batch_size=batch_size or DEFAULT_BATCH_SIZE,
-                          num_workers=workers, collate_fn=collate_clips, worker_init_fn=worker_init_fn,
-                          pin_memory=self.device.type == "cuda")
+        return VideoLoader(VideoFiles(self.config, paths), batch_size=batch_size or DEFAULT_BATCH_SIZE,
+                           num_workers=workers, collate_fn=collate_clips, worker_init_fn=decoding_worker_init,
+                           pin_memory=self.device.type == "cuda")
 
     @torch.no_grad()
     def iter_encoded(self, paths, batch_size: int | None = None, return_tokens: bool = False,
@@ -188,7 +239,9 @@ class VideoLanguageModel:
                              {paths[i]: reason for batch in batches for i, reason in batch.failed.items()})
 
     def load_clip(self, path) -> Clip:
-        """One video as the model sees it; an unreadable file raises VideoReadError."""
+        """One video as the model sees it; a missing file raises FileNotFoundError, an unreadable one
+        VideoReadError."""
+        check_exists(path)
         frames, clip = self.preprocess.with_frames(path)
         return Clip(frames.permute(0, 2, 3, 1).numpy(), clip.unsqueeze(0))
 
@@ -207,21 +260,25 @@ class VideoLanguageModel:
             return self.model.encode_text(input_ids, attention_mask)[1].float().cpu()
 
     @torch.no_grad()
-    def search(self, query: str, index, k: int = 10, rerank: int = 16) -> list[Hit]:
+    def search(self, query: str, index, k: int = 10, rerank: int = 16, approximate: bool = False) -> list[Hit]:
         """The index's `k` best videos for `query`: ITC top-k, its top `rerank` re-ranked by ITM +
         ITC exactly as the evaluation re-ranks. Without tokens in the index the candidates are
-        re-encoded from their files (their paths must still be readable)."""
+        re-encoded from their files (their paths must still be readable). `approximate`: the ITC
+        top-k of a faiss inverted-file index (optional package; built on first use, kept in the index
+        folder) instead of exact search (inference/search.py)."""
         self._require(("retrieval",), "search")
         index.check_model(self)
-        itc, shortlist = itc_shortlist(self.encode_texts([query]), index.embeddings, max(k, rerank))
+        ann = open_approximate(index) if approximate else None
+        itc, shortlist = itc_shortlist(self.encode_texts([query]), index.embeddings, max(k, rerank), ann)
         reranked = shortlist[:rerank]
         hits = []
         if reranked:
-            final = self._rerank(query, itc[:, reranked], index, reranked)
-            hits = sorted((Hit(index.paths[i], float(score), float(itc[0, i])) for i, score in zip(reranked, final)),
+            final = self._rerank(query, itc[:, :len(reranked)], index, reranked)
+            hits = sorted((Hit(index.paths[i], float(score), float(sim))
+                           for i, score, sim in zip(reranked, final, itc[0])),
                           key=lambda hit: -hit.score)  # stable: ITC order among equal scores
-        hits += [Hit(index.paths[i], None if rerank else float(itc[0, i]), float(itc[0, i]))
-                 for i in shortlist[len(reranked):]]
+        hits += [Hit(index.paths[i], None if rerank else float(sim), float(sim))
+                 for i, sim in zip(shortlist[len(reranked):], itc[0, len(reranked):])]
         return hits[:k]
 
     def _rerank(self, query: str, candidate_sims: torch.Tensor, index, rows: list[int]) -> torch.Tensor:
@@ -242,10 +299,13 @@ class VideoLanguageModel:
 
     # -- question answering and captions ---------------------------------------------------
     @torch.no_grad()
-    def ask(self, video_path, question: str, answers: list[str] | None = None) -> str:
-        """The best of `answers` (the evaluation's ranking), or a generated answer without a list."""
+    def ask(self, video_path, question: str, answers: list[str] | None = None,
+            tokens: torch.Tensor | None = None) -> str:
+        """The best of `answers` (the evaluation's ranking), or a generated answer without a list.
+        `tokens`: the video's encoder tokens (1, N, D) read from an index (inference.stored), used
+        instead of decoding and encoding `video_path`."""
         self._require(("QA",), "ask")
-        clip = self.load_clip(video_path).tensor.to(self.device)
+        clip = self._video_input(video_path, tokens)
         questions = [pre_question(question)]
         with self.autocast():
             if not answers:
@@ -255,15 +315,22 @@ class VideoLanguageModel:
             return answers[int(self.model.rank_answers(clip, questions, answer_ids, answer_mask, k)[0])]
 
     @torch.no_grad()
-    def caption(self, video_path, method: str = "beam", seed: int | None = None, **settings) -> str:
+    def caption(self, video_path, method: str = "beam", seed: int | None = None,
+                tokens: torch.Tensor | None = None, **settings) -> str:
         """A caption by beam search or nucleus sampling (settings: VideoPretrainModel.generate_caption_ids);
-        `seed` makes sampling repeatable without touching the global random state."""
+        `seed` makes sampling repeatable without touching the global random state; `tokens` as for ask."""
         self._require(("pre-training",), "caption")
         if method not in ("beam", "nucleus"):
             raise UserError(f"unknown caption method {method!r}; expected beam or nucleus")
-        clip = self.load_clip(video_path).tensor.to(self.device)
+        clip = self._video_input(video_path, tokens)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self.autocast():
             if seed is not None:
                 torch.manual_seed(seed)
             return self.model.generate_captions(clip, sample=method == "nucleus", **settings)[0]
+
+    def _video_input(self, video_path, tokens: torch.Tensor | None) -> torch.Tensor:
+        """What the model's video input is: stored tokens (1, N, D) as float32, or the decoded clip."""
+        if tokens is not None:
+            return tokens.to(self.device, torch.float32)
+        return self.load_clip(video_path).tensor.to(self.device)

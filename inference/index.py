@@ -4,8 +4,11 @@ An index folder holds:
 
 * `embeddings-<id>.npy`: float32 (N, embed_dim) L2-normalised ITC embeddings, row i for
   `files[i]` of the manifest. float32 because these are exactly the numbers the evaluation
-  compares (fp16 would round them) and a CPU multiplies float32 fastest; at 1 KiB per video
-  (embed_dim 256) they are small next to the videos.
+  compares (fp16 would round them); at 1 KiB per video (embed_dim 256) they are small next to
+  the videos. `index --embedding_dtype float16` stores them as float16 instead, recorded in the
+  manifest as `embedding_dtype` (an index without it is float32): half the disk, memory and
+  search time at millions of videos (benchmarks/RESULTS.md), ITC scores rounded by up to about
+  1e-3. Search reads them as a memory map, in chunks (inference/search.py).
 * `tokens-<id>.npy` (with `--tokens`): fp16 (rows, N, D) video tokens for ITM re-ranking,
   read as a memory map so only the re-ranked rows are loaded. Rows past the manifest's
   files are unused (files that failed to decode in that run). For the 224 px 32-frame
@@ -42,7 +45,9 @@ import numpy as np
 import torch
 
 from configs.keys import ENCODER_KEYS, value
-from runtime.errors import UserError, user_message
+from runtime.errors import Interrupted, UserError, user_message
+from runtime.fault_injection import interrupt_batch, interrupt_with_workers
+from runtime.precision import LABEL_NAMES
 from runtime.progress import ProgressLine
 from runtime.run_lock import acquire_run_lock, release_run_lock
 
@@ -51,6 +56,7 @@ FORMAT_VERSION = 1
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 # The config values an embedding depends on besides the checkpoint's weights.
 EMBEDDING_KEYS = ENCODER_KEYS + ("embed_dim", "num_frm_test", "frm_sampling_strategy_test")
+EMBEDDING_DTYPES = ("float32", "float16")  # how an index may store its embeddings (manifest "embedding_dtype")
 # What a manifest must hold: a damaged or hand-edited one is one line naming the entry, not a KeyError.
 MANIFEST_FIELDS = {"format": int, "root": str, "files": list, "unreadable": list, "checkpoint": dict,
                    "embedding_config": dict, "config": dict, "with_tokens": bool, "embeddings": str,
@@ -143,6 +149,8 @@ def _manifest_problem(manifest) -> str | None:
         name = manifest[key]
         if name is not None and Path(name).name != name:
             return f"{key!r} ({name}) is not a file name"
+    if manifest.get("embedding_dtype", "float32") not in EMBEDDING_DTYPES:
+        return f"'embedding_dtype' is {manifest['embedding_dtype']!r}, not one of {', '.join(EMBEDDING_DTYPES)}"
     return None
 
 
@@ -183,11 +191,16 @@ class VideoIndex:
         self.root = Path(manifest["root"])
         self.files = manifest["files"]
         self.paths = [str(self.root / entry["path"]) for entry in self.files]
-        self.embeddings = _load_rows(folder, manifest["embeddings"], mmap=False)
+        # A memory map: search reads it in chunks (inference/search.py), an update copies the kept rows.
+        self.embeddings = _load_rows(folder, manifest["embeddings"], mmap=True)
+        self.embedding_dtype = manifest.get("embedding_dtype", "float32")
         expected = (len(self.files), manifest["embedding_config"].get("embed_dim"))
         if self.embeddings.shape != expected:
             raise damaged(folder, manifest["embeddings"], f"holds {self.embeddings.shape} values, the manifest "
                                                           f"needs {expected}")
+        if self.embeddings.dtype != np.dtype(self.embedding_dtype):
+            raise damaged(folder, manifest["embeddings"], f"holds {self.embeddings.dtype} values, the manifest "
+                                                          f"says {self.embedding_dtype}")
         self.tokens = _load_rows(folder, manifest["tokens"], mmap=True) if manifest["tokens"] else None
         if self.tokens is not None and (self.tokens.ndim != 3 or len(self.tokens) < len(self.files)):
             raise damaged(folder, manifest["tokens"], f"holds {self.tokens.shape} values, the manifest needs "
@@ -291,8 +304,8 @@ class IndexWriter:
     """The data files of one new index generation under this run's own names, committed by
     replacing the manifest. A context: leaving it uncommitted removes every file it wrote."""
 
-    def __init__(self, folder: Path, capacity: int):
-        self.folder, self.capacity = folder, capacity
+    def __init__(self, folder: Path, capacity: int, embedding_dtype: str = "float32"):
+        self.folder, self.capacity, self.embedding_dtype = folder, capacity, np.dtype(embedding_dtype)
         self.id = uuid.uuid4().hex[:12]
         self.embeddings, self.files, self.tokens = [], [], None
         self.data_files: list[NpyFile] = []
@@ -318,11 +331,11 @@ class IndexWriter:
                 self.tokens = self._new_file("tokens", np.float16, (self.capacity, *tokens.shape[1:]))
             self.tokens.append(tokens)
         self.files += files
-        self.embeddings.append(np.asarray(embeddings, dtype=np.float32))
+        self.embeddings.append(np.asarray(embeddings, dtype=self.embedding_dtype))
 
     def commit(self, manifest: dict) -> None:
         embeddings = np.concatenate(self.embeddings)
-        embeddings_file = self._new_file("embeddings", np.float32, embeddings.shape)
+        embeddings_file = self._new_file("embeddings", self.embedding_dtype, embeddings.shape)
         embeddings_file.append(embeddings)
         embeddings_file.close()
         manifest["embeddings"] = embeddings_file.path.name
@@ -346,8 +359,11 @@ class IndexWriter:
                 path.unlink(missing_ok=True)
 
 
-def _check_fits(previous: VideoIndex | None, video_folder: Path, current: dict, with_tokens: bool) -> None:
-    """That the index already in the folder (if any) can be updated by this run."""
+def _check_fits(previous: VideoIndex | None, video_folder: Path, current: dict, with_tokens: bool,
+                precision: str) -> None:
+    """That the index already in the folder (if any) can be updated by this run, encoding at
+    `precision` (Precision.label): its rows share one precision (an index that does not record its
+    own takes any)."""
     if previous is None:
         return
     problem = difference(previous.folder, previous.manifest, current)
@@ -356,28 +372,65 @@ def _check_fits(previous: VideoIndex | None, video_folder: Path, current: dict, 
     if problem is None and previous.manifest["with_tokens"] != with_tokens:
         state = "with" if previous.manifest["with_tokens"] else "without"
         problem = f"index {previous.folder} was made {state} --tokens; use another --index folder"
+    stored = previous.manifest.get("precision")
+    if problem is None and stored is not None and stored != precision:
+        problem = (f"index {previous.folder} was encoded at {stored}, this run encodes at {precision}: the rows of "
+                   f"an index share one precision; pass --precision {LABEL_NAMES.get(stored, stored)} (or auto), "
+                   "or use another --index folder")
     if problem:
         raise UserError(problem)
 
 
 def update_index(model, video_folder, index_folder, batch_size: int | None = None, num_workers: int | None = None,
-                 with_tokens: bool = False) -> UpdateSummary:
-    """Make or update the index of `video_folder` in `index_folder` (see the module docstring)."""
+                 with_tokens: bool = False, embedding_dtype: str | None = None) -> UpdateSummary:
+    """Make or update the index of `video_folder` in `index_folder` (see the module docstring);
+    `embedding_dtype` (EMBEDDING_DTYPES): None keeps an existing index's, float32 for a new one."""
     video_folder, index_folder = Path(video_folder).resolve(), Path(index_folder)
     index_folder.mkdir(parents=True, exist_ok=True)
     lock = acquire_run_lock(index_folder, what="index folder", flag="--index")
+    before = _manifest_version(index_folder)
     try:
-        return _update_locked(model, video_folder, index_folder, batch_size, num_workers, with_tokens)
+        return _update_locked(model, video_folder, index_folder, batch_size, num_workers, with_tokens,
+                              embedding_dtype)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what the folder holds now
+        raise _interrupted(index_folder, before) from None
     finally:
         release_run_lock(lock)
 
 
+def _manifest_version(folder: Path):
+    """Which manifest the folder holds (committing replaces the file: a new inode), None for none."""
+    with suppress(FileNotFoundError):
+        stat = (folder / MANIFEST).stat()
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+    return None
+
+
+def _interrupted(index_folder: Path, before) -> Interrupted:
+    if _manifest_version(index_folder) != before:  # interrupted after its commit: the update is in place
+        return Interrupted(f"interrupted after index {index_folder} was updated (the update is complete)")
+    state = "the previous index is unchanged and searchable" if before else "no index was written"
+    return Interrupted(f"interrupted: index {index_folder} not updated ({state}); nothing of this run was committed")
+
+
+def _embedding_dtype(previous: VideoIndex | None, requested: str | None) -> str:
+    """How this run stores the embeddings: as the index does (float32 for a new one, unless asked)."""
+    if requested is not None and requested not in EMBEDDING_DTYPES:
+        raise UserError(f"embedding dtype {requested!r}: expected one of {', '.join(EMBEDDING_DTYPES)}")
+    if previous is None:
+        return requested or "float32"
+    if requested is not None and requested != previous.embedding_dtype:
+        raise UserError(f"index {previous.folder} stores {previous.embedding_dtype} embeddings, not {requested}; "
+                        "leave out --embedding_dtype, or use another --index folder")
+    return previous.embedding_dtype
+
+
 def _update_locked(model, video_folder: Path, index_folder: Path, batch_size, num_workers,
-                   with_tokens: bool) -> UpdateSummary:
+                   with_tokens: bool, embedding_dtype: str | None = None) -> UpdateSummary:
     stored = read_manifest(index_folder)
     previous = VideoIndex(index_folder, stored) if stored else None
     current = fingerprint(model, stored["checkpoint"] if stored else None)
-    _check_fits(previous, video_folder, current, with_tokens)
+    _check_fits(previous, video_folder, current, with_tokens, model.precision.label)
     found = scan_videos(video_folder)
     old_rows = {entry["path"]: row for row, entry in enumerate(previous.files)} if previous else {}
     old_unreadable = {entry["path"]: entry for entry in previous.manifest["unreadable"]} if previous else {}
@@ -390,7 +443,8 @@ def _update_locked(model, video_folder: Path, index_folder: Path, batch_size, nu
     unreadable = [entry for entry in old_unreadable.values() if unchanged(entry)]
     done = {previous.files[row]["path"] for row in kept} | {entry["path"] for entry in unreadable}
     to_encode = [path for path in found if path not in done]
-    writer = IndexWriter(index_folder, len(kept) + len(to_encode))
+    embedding_dtype = _embedding_dtype(previous, embedding_dtype)
+    writer = IndexWriter(index_folder, len(kept) + len(to_encode), embedding_dtype)
     try:
         with writer:
             for start in range(0, len(kept), COPY_ROWS):  # in chunks: the tokens of all rows may not fit in memory
@@ -401,8 +455,10 @@ def _update_locked(model, video_folder: Path, index_folder: Path, batch_size, nu
                                  with_tokens)
             unreadable += [{"path": path, **found[path], "reason": reason} for path, reason in failed.items()]
             manifest = {"format": FORMAT_VERSION, "root": str(video_folder), **current, "config": model.config,
-                        "with_tokens": with_tokens,
-                        "precision": str(model.precision.dtype or "fp32").replace("torch.", ""),
+                        "with_tokens": with_tokens, "embedding_dtype": embedding_dtype,
+                        "precision": model.precision.label,
+                        # ask and caption reuse the tokens where their video encoder is this one (inference/stored.py)
+                        "video_encoder_sha256": model.encoder_sha256,
                         "num_frames": value(model.config, "num_frm_test"),
                         "sampling": value(model.config, "frm_sampling_strategy_test"),
                         "unreadable": sorted(unreadable, key=lambda entry: entry["path"])}
@@ -424,11 +480,15 @@ def _encode_new(model, writer: IndexWriter, video_folder: Path, to_encode: list[
     """Encode `to_encode` into `writer`, printing progress; {relative path: reason} of the failures."""
     progress, failed, done = ProgressLine("index:", len(to_encode), "videos", PROGRESS_EVERY_S), {}, 0
     paths = [video_folder / path for path in to_encode]
-    for batch in model.iter_encoded(paths, batch_size, return_tokens=with_tokens, num_workers=num_workers):
+    interrupt_after = interrupt_batch()  # a testing aid (runtime/fault_injection.py); 0: never
+    for number, batch in enumerate(model.iter_encoded(paths, batch_size, return_tokens=with_tokens,
+                                                      num_workers=num_workers), start=1):
         files = [{"path": to_encode[i], **found[to_encode[i]]} for i in batch.indices]
         if files:
             writer.add(files, batch.embeddings.numpy(), batch.tokens.half().numpy() if with_tokens else None)
         failed.update({to_encode[i]: reason for i, reason in batch.failed.items()})
         done += len(batch.indices) + len(batch.failed)
         progress.update(done)
+        if number == interrupt_after:
+            interrupt_with_workers()
     return failed

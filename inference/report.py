@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from inference.aggregation import grid_image
+from runtime.errors import UserError
 
 STRIP_FRAMES = 4
 STRIP_HEIGHT = 96
@@ -78,14 +79,36 @@ def _page(query: str, rows: list[str], with_pictures: bool) -> str:
         *rows, "</table>", "</body>", "</html>", ""])
 
 
-def _check_replaceable(out_dir: pathlib.Path) -> None:
-    """Refuse to replace anything but an empty folder or a report this module wrote."""
+class ReportFolderError(UserError, FileExistsError):
+    """The report folder exists and is not one this module may replace: one line for the user."""
+
+
+def _listing(names: list[str], most: int = 3) -> str:
+    shown = ", ".join(sorted(names)[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def check_replaceable(out_dir) -> None:
+    """Refuse (ReportFolderError) to replace anything but a missing or empty folder or a report this
+    module wrote: its index.html marked by GENERATOR and its images/, nothing else (a report is
+    replaced whole, so a file someone added to it would be lost)."""
+    out_dir = pathlib.Path(out_dir)
     if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ReportFolderError(f"{out_dir} exists and is a file, not a search report written by this tool; choose "
+                                "another folder for the report")
+    names = [path.name for path in out_dir.iterdir()]
+    if not names:
         return
     index = out_dir / "index.html"
     is_report = index.is_file() and f'content="{GENERATOR}"' in index.read_text(encoding="utf-8", errors="replace")
-    if not out_dir.is_dir() or not (is_report or not any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not a search report; choose another folder")
+    others = [name for name in names if name not in ("index.html", "images")]
+    if is_report and not others:
+        return
+    holds = f"a search report and other files: {_listing(others)}" if is_report else _listing(names)
+    raise ReportFolderError(f"{out_dir} exists and is not a search report written by this tool (it holds {holds}); "
+                            "choose another folder, or empty this one (a report replaces its folder whole)")
 
 
 def _move_into_place(staging: pathlib.Path, out_dir: pathlib.Path) -> None:
@@ -107,10 +130,12 @@ def write_report(out_dir, query: str, hits: list[dict], frames_of: Callable,
     frames_of(path) -> uint8 (T, H, W, 3) frames of a hit; picture_of(path, png_path) writes
     the hit's aggregation picture and returns its path (None: no pictures). The folder is
     built under a temporary name next to ``out_dir`` and renamed into place, so a crash
-    never leaves a half-written report. Returns the path of index.html.
+    never leaves a half-written report. Returns the path of index.html. An ``out_dir`` that
+    exists and is neither empty nor a report of this module raises ReportFolderError
+    (check_replaceable), with nothing written.
     """
     out_dir = pathlib.Path(out_dir)
-    _check_replaceable(out_dir)
+    check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

@@ -77,11 +77,12 @@ class VideoPretrainModel(VideoTextContrastive):
                              repetition_penalty: float | None = None) -> torch.Tensor:
         """Caption ids (B, <= max_length) from [DEC], by beam search or, when ``sample``, nucleus sampling.
 
-        ``repetition_penalty=None`` takes BLIP's: none for beam search, 1.1 for sampling.
+        ``repetition_penalty=None`` takes BLIP's: none for beam search, 1.1 for sampling. ``video`` is
+        a clip (B, C, T, H, W), or (B, N, D) tokens the video encoder gave before (an index's).
         """
         if repetition_penalty is None:
             repetition_penalty = SAMPLING_REPETITION_PENALTY if sample else 1.0
-        video_tokens = self.visual_encoder(video)
+        video_tokens = video if video.dim() == 3 else self.visual_encoder(video)
         beams = 1 if sample else num_beams
         video_tokens = video_tokens.repeat_interleave(beams, dim=0)
         video_atts = torch.ones(video_tokens.shape[:-1], dtype=torch.long, device=video.device)

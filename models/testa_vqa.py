@@ -24,8 +24,9 @@ class VideoQAModel(nn.Module):
         return self.visual_encoder.cls_token.device
 
     def encode_question(self, video: torch.Tensor, questions: list[str]):
-        """Question states (B, Lq, D) cross-attending to the video, and the question mask."""
-        video_tokens = self.visual_encoder(video)
+        """Question states (B, Lq, D) cross-attending to the video, and the question mask. `video` is
+        a clip (B, C, T, H, W), or (B, N, D) tokens the video encoder gave before (an index's)."""
+        video_tokens = video if video.dim() == 3 else self.visual_encoder(video)
         video_atts = torch.ones(video_tokens.shape[:-1], dtype=torch.long, device=video_tokens.device)
         question = self.tokenizer(questions, padding="longest", truncation=True,
                                   max_length=self.max_question_tokens, return_tensors="pt")

@@ -161,6 +161,9 @@ def run_cli(main: Callable[[], object]) -> None:
         _report(message)
         sys.exit(1)
     finally:
-        import torch.distributed as dist  # here: configs.keys imports this module and stays torch-free
-        if dist.is_available() and dist.is_initialized():
+        # Not imported here: a process group needs torch.distributed imported already, and an import
+        # of torch that Ctrl-C cut short would fail again, with a traceback (configs.keys imports
+        # this module and stays torch-free as well).
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -92,3 +92,22 @@ def test_gpu_eval_check_runs_on_the_cpu(tmp_path):
     run, = payload["runs"]
     assert run["metrics_equal"] and run["max_abs_diff_v2t"] < 1e-5
     assert payload["generation"] == {"pretrain": {"ids_equal": True}, "vqa": {"ids_equal": True}}
+
+
+def test_search_benchmark_at_scale_is_exact(tmp_path):
+    """bench_search's `large` section at a tiny size: chunked search over memory maps equals the full
+    product for both storages; the faiss rows where faiss imports (it is optional)."""
+    payload = run_benchmark("bench_search", tmp_path, "--sections", "itc,large", "--videos", 2000,
+                            "--large_videos", 20_000, "--clusters", 50, "--queries", 5, "--threads", 1,
+                            "--nprobe", 4)
+    results = payload["results"]
+    assert results["itc_ms"]["median_ms"] > 0 and results["itc_ms"]["full_product_median_ms"] > 0
+    checked = [row for row in results["large"]["exact"] if "identical_to_full_product" in row]
+    assert [(row["storage"], row["identical_to_full_product"]) for row in checked] == [
+        ("float32", "5/5"), ("float16", "5/5")]
+    approximate = results["large"]["approximate"]
+    if isinstance(approximate, dict):
+        assert {row["nprobe"] for row in approximate["by_nprobe"]} == {4, approximate["default_nprobe"]}
+        assert all(0 <= row["recall@10"] <= 1 for row in approximate["by_nprobe"])
+    else:
+        assert approximate.startswith("not run: faiss does not import")

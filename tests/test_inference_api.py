@@ -134,9 +134,12 @@ def test_load_clip_gives_frames_and_encoder_input(retrieval, toy):
 def test_precision_choice():
     assert inference_precision("fp32", "cpu").dtype is None
     assert inference_precision("bf16", "cpu").dtype is torch.bfloat16
-    # auto: bf16 only where the CPU runs it natively (emulated bf16 is far slower than fp32)
-    assert inference_precision("auto", "cpu", cpu_bf16_is_native=lambda: True).dtype is torch.bfloat16
-    assert inference_precision("auto", "cpu", cpu_bf16_is_native=lambda: False).dtype is None
+    # auto: bf16 only where the CPU runs it natively (emulated bf16 is far slower than fp32), and int8
+    # is not faster (tests/test_precision_int8.py)
+    assert inference_precision("auto", "cpu", cpu_bf16_is_native=lambda: True,
+                               cpu_int8_is_fast=lambda: False).dtype is torch.bfloat16
+    assert inference_precision("auto", "cpu", cpu_bf16_is_native=lambda: False,
+                               cpu_int8_is_fast=lambda: False).dtype is None
     assert not inference_precision("fp16", "cpu").scaler.is_enabled()  # no gradients, no scaling
     with pytest.raises(UserError, match="unknown precision"):
         inference_precision("fp8", "cpu")

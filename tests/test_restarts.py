@@ -6,9 +6,9 @@ test metrics."""
 import pytest
 import torch
 
+from runtime.fault_injection import exit_step
 from tests.helpers import training_outcome
 from tests.launching import environment, run_together, torchrun_nodes
-from training.fault_injection import exit_step
 
 # Two optimiser steps per epoch (8 training clips, 2 per process and step), two epochs.
 STEPS_PER_EPOCH = 2

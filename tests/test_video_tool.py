@@ -1,14 +1,19 @@
-"""video_tool.py: every subcommand on a toy corpus, incremental indexing and its errors."""
+"""video_tool.py: every subcommand on a toy corpus, incremental indexing and its errors, what goes
+to stdout (results) and stderr (everything else), Ctrl-C, missing paths and the report folder."""
 import json
+import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import inference.api
 import inference.index
 import video_tool
+from configs.load import load_config
+from inference.index import VIDEO_SUFFIXES, VideoIndex
 from tests.helpers import REPO_ROOT
 from tests.inference_toy import make_toy_setup
 
@@ -123,17 +128,18 @@ def test_search_table_json_and_report(toy, folder, tmp_path, capsys):
     # From another working folder: the manifest's config names med_config relative to the repository.
     result = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    payload = json.loads(result.stdout[:result.stdout.rindex("}") + 1])
+    payload = json.loads(result.stdout)  # stdout holds the JSON alone; the report's path goes to stderr
     assert [hit["rank"] for hit in payload["hits"]] == [1, 2]
     assert payload["hits"][0]["score"] >= payload["hits"][1]["score"]
     assert (report / "index.html").is_file()
+    assert f"report: {report / 'index.html'}" in result.stderr.splitlines()
 
 
 def test_mismatched_index_is_one_clear_error(toy, tmp_path, capsys):
     index = tmp_path / "index"
     run(["index", toy.videos, "--index", index, "--num_workers", "0", *model_args(toy, "retrieval")], capsys)
     other = ["--config", toy.configs["retrieval"], "--checkpoint", toy.checkpoints["retrieval_other"],
-             "--options", *toy.overrides]
+             "--precision", "fp32", "--options", *toy.overrides]  # 'auto' would say its choice on stderr first
     assert "was made with another checkpoint" in fail(["search", "--index", index, "query", *other], capsys)
     frames = [*model_args(toy, "retrieval"), "num_frm_test=4"]
     error = fail(["search", "--index", index, "query", *frames], capsys)
@@ -153,3 +159,178 @@ def test_ask_caption_show(toy, tmp_path, capsys):
     assert "caption needs a pre-training checkpoint" in fail(["caption", video, *model_args(toy, "qa")], capsys)
     out = run(["show", video, "--out", tmp_path / "show.png", *model_args(toy, "retrieval")], capsys)
     assert (tmp_path / "show.png").is_file() and str(tmp_path / "show.png") in out
+
+
+def test_results_go_to_stdout_and_everything_else_to_stderr(toy, folder, tmp_path, capsys):
+    index = tmp_path / "index"
+    video_tool.main([str(arg) for arg in ["index", folder, "--index", index, "--num_workers", "0",
+                                          *model_args(toy, "retrieval")]])
+    captured = capsys.readouterr()
+    assert [line.split()[0] for line in captured.out.splitlines()] == ["index", "unreadable:"]
+    assert "index: " in captured.err  # the progress line
+    video_tool.main([str(arg) for arg in ["search", "--index", index, "a red circle", "-k", "2", "--rerank", "1",
+                                          "--json"]])
+    captured = capsys.readouterr()
+    assert [hit["rank"] for hit in json.loads(captured.out)["hits"]] == [1, 2]
+
+
+def test_report_folder_is_replaced_only_when_it_holds_a_report(toy, tmp_path, capsys, monkeypatch):
+    index = tmp_path / "index"
+    run(["index", toy.videos, "--index", index, "--num_workers", "0", *model_args(toy, "retrieval")], capsys)
+    report = tmp_path / "report"
+    for query in ("a red circle", "a blue square"):  # the second run replaces the first one's report
+        video_tool.main(["search", "--index", str(index), query, "-k", "2", "--rerank", "0", "--report", str(report)])
+        assert capsys.readouterr().err.splitlines()[-1] == f"report: {report / 'index.html'}"
+        assert f"Search: {query}" in (report / "index.html").read_text()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["index", "report"]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the folder is checked before a model is loaded")
+
+    monkeypatch.setattr(video_tool, "load_model", no_model)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    error = fail(["search", "--index", index, "a red circle", "--report", notes], capsys)
+    assert error == (f"error: {notes} exists and is not a search report written by this tool (it holds keep.txt); "
+                     "choose another folder, or empty this one (a report replaces its folder whole)\n")
+    (report / "keep.txt").write_text("mine")  # a report with a file of the user's: replacing it would lose it
+    assert "it holds a search report and other files: keep.txt" in fail(
+        ["search", "--index", index, "a red circle", "--report", report], capsys)
+    assert (notes / "keep.txt").read_text() == "mine" and (report / "keep.txt").read_text() == "mine"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["index", "notes", "report"]
+
+
+def test_an_empty_folder_is_indexed_with_one_warning(toy, folder, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no video here")
+    index = tmp_path / "empty_index"
+    video_tool.main([str(arg) for arg in ["index", empty, "--index", index, "--num_workers", "0",
+                                          *model_args(toy, "retrieval")]])  # returns: exit status 0
+    captured = capsys.readouterr()
+    assert captured.out == f"index {index}: 0 videos (0 encoded, 0 unchanged, 0 dropped), 0 unreadable\n"
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: no videos in {empty} (looked for {', '.join(VIDEO_SUFFIXES)} files, in any "
+                        f"case, in it and its subfolders); the index {index} holds none"]
+    assert VideoIndex.open(index).embeddings.shape == (0, 256)
+
+    # A folder whose videos are all gone: its index is emptied, stays consistent and searchable.
+    index = tmp_path / "index"
+    run(["index", folder, "--index", index, "--num_workers", "0", *model_args(toy, "retrieval")], capsys)
+    for path in [*folder.rglob("*.mp4"), *folder.rglob("*.MP4")]:
+        path.unlink()
+    video_tool.main(["index", str(folder), "--index", str(index), "--num_workers", "0"])
+    captured = capsys.readouterr()
+    total = len(list(toy.videos.glob("*.mp4")))
+    assert f"0 videos (0 encoded, 0 unchanged, {total + 1} dropped), 0 unreadable" in captured.out
+    assert sum(line.startswith("warning: no videos in") for line in captured.err.splitlines()) == 1
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["files"] == [] and manifest["unreadable"] == []
+    assert sorted(path.name for path in index.iterdir()) == sorted(["manifest.json", manifest["embeddings"]])
+    assert run(["search", "--index", index, "a red circle"], capsys).splitlines() == [
+        f"{'rank':>4}  {'score':>8}  {'itc':>7}  path"]
+
+
+@pytest.mark.parametrize("command", ["ask", "caption", "show", "index"])
+def test_a_missing_path_is_file_not_found_before_any_model_is_loaded(toy, tmp_path, capsys, monkeypatch, command):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a missing path is found before a model is loaded")
+
+    monkeypatch.setattr(video_tool, "load_model", no_model)
+    missing = tmp_path / ("videos" if command == "index" else "missing.mp4")
+    argv = {"ask": ["ask", missing, "what moves?", *model_args(toy, "qa")],
+            "caption": ["caption", missing, *model_args(toy, "pretrain")],
+            "show": ["show", missing, "--out", tmp_path / "a.png", *model_args(toy, "retrieval")],
+            "index": ["index", missing, "--index", tmp_path / "index", *model_args(toy, "retrieval")]}[command]
+    assert fail(argv, capsys) == f"error: file not found: {missing}\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == []  # no index folder made, no picture
+
+
+def test_missing_and_undecodable_videos_say_which_they_are(toy, tmp_path, capsys):
+    missing, broken = tmp_path / "missing.mp4", tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00garbage" * 64)
+    error = fail(["ask", broken, "what moves?", *model_args(toy, "qa")], capsys)
+    assert error.startswith(f"error: cannot decode video {broken}: ")
+    assert "is a folder, not a video file" in fail(["caption", tmp_path, *model_args(toy, "pretrain")], capsys)
+    # The library says the same: a missing file is no decoding failure, for one clip or in a batch.
+    with pytest.raises(FileNotFoundError) as raised:
+        inference.api.VideoLanguageModel.load_clip(None, missing)
+    assert raised.value.filename == str(missing)
+    files = inference.api.VideoFiles(load_config(toy.configs["retrieval"], toy.overrides), [missing, broken])
+    assert files.item(0) == (None, 0, f"file not found: {missing}")
+    assert files.item(1)[2].startswith(f"cannot decode video {broken}: ")
+
+
+def index_files(index) -> dict:
+    return {path.name: path.read_bytes() for path in index.iterdir()}
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_indexing_is_one_line_and_keeps_the_previous_index(toy, folder, tmp_path, capsys):
+    """Ctrl-C as a terminal sends it (to the process and its decoding workers), at a known batch:
+    the run sends it itself (TESTA_INTERRUPT_AFTER_BATCH), so no race with a short run."""
+    index = tmp_path / "index"
+    run(["index", folder, "--index", index, "--tokens", "--num_workers", "0", *model_args(toy, "retrieval")], capsys)
+    before = index_files(index)
+    for number in range(6):  # three batches of two to encode; interrupted after the first
+        shutil.copy(min(folder.glob("*.mp4")), folder / f"added{number}.mp4")
+    command = [sys.executable, str(REPO_ROOT / "video_tool.py"), "index", str(folder), "--index", str(index),
+               "--tokens", "--num_workers", "1", "--batch_size", "2"]
+    env = {**os.environ, "TESTA_INTERRUPT_AFTER_BATCH": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 130, output
+    assert "Traceback" not in output and "Exception ignored" not in output, output
+    assert [line for line in output.splitlines() if line.startswith("error:")] == [
+        f"error: interrupted: index {index} not updated (the previous index is unchanged and searchable); nothing "
+        "of this run was committed"]
+    assert index_files(index) == before  # the same manifest and data files, no leftovers, no lock
+    previous = VideoIndex.open(index)
+    assert np.array_equal(previous.embeddings, np.load(index / json.loads(before["manifest.json"])["embeddings"]))
+    assert len(run(["search", "--index", index, "a red circle", "-k", "2"], capsys).splitlines()) == 3
+
+
+def test_ctrl_c_in_a_destructor_is_raised_after_it_not_printed_and_lost():
+    script = """
+import os, signal
+from runtime.interrupts import interrupts_not_swallowed
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, however the tests were started
+
+class Reader:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while decord's VideoReader.__del__ runs
+        sum(range(1000))
+
+try:
+    with interrupts_not_swallowed():
+        Reader()
+        for _ in range(10**8):
+            pass
+        print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert (result.stdout, result.stderr) == ("interrupted\n", "")
+
+
+def test_decoding_workers_ignore_ctrl_c_and_stay_quiet_when_the_main_process_hangs_up():
+    script = """
+import signal, sys
+from runtime.interrupts import ignore_interrupts
+
+ignore_interrupts()
+assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+for error in (ConnectionResetError(104, "Connection reset by peer"), ValueError("a bug")):
+    try:
+        exec(compile("raise error", "/lib/python3/multiprocessing/resource_sharer.py", "exec"))
+    except Exception:
+        sys.excepthook(*sys.exc_info())  # what the resource sharer's thread does
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "ValueError: a bug" in result.stderr and "ConnectionResetError" not in result.stderr

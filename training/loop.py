@@ -13,11 +13,11 @@ from configs.keys import value
 from models.checkpoint import CheckpointError, read_checkpoint
 from runtime.distributed import seed_for_rank, unwrap_model
 from runtime.errors import Interrupted, NonFiniteError
+from runtime.fault_injection import exit_abruptly, exit_step, interrupt_self, interrupt_step
 from runtime.numerics import first_nonfinite_tensor, nonfinite_name
 from runtime.precision import Precision
 from runtime.progress import MetricLogger, SmoothedValue
 from training.checkpoints import Checkpointer, ResumePoint
-from training.fault_injection import exit_abruptly, exit_step, interrupt_self, interrupt_step
 from training.optim import set_lr
 from utils import move_to_device, seed_everything, set_rng_state
 

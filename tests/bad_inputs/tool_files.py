@@ -1,6 +1,7 @@
 """Bad inputs: tool_files (docs/reliability.md). video_tool.py's files survive a full disk, a
-damaged manifest and a second writer; its numbers are checked before any work; a checkpoint of
-another family is named as such."""
+damaged manifest and a second writer; its numbers, missing paths and the --report folder are
+checked before any work; a checkpoint of another family is named as such; a folder without
+videos is indexed with a warning."""
 import json
 import os
 import socket
@@ -67,6 +68,21 @@ def truncated_embeddings(ws) -> None:
     write_index(ws)
     path = ws.folder / "index" / "embeddings-0.npy"
     path.write_bytes(path.read_bytes()[:40])
+
+
+def folder_of_notes(ws) -> None:
+    """Set-up: ws.folder/notes, a folder of the user's that is no search report."""
+    (ws.folder / "notes").mkdir()
+    (ws.folder / "notes" / "keep.txt").write_text("mine")
+
+
+def folder_without_videos(ws) -> None:
+    (ws.folder / "empty").mkdir()
+    (ws.folder / "empty" / "readme.txt").write_text("no video here")
+
+
+def undecodable_video(ws) -> None:
+    (ws.folder / "broken.mp4").write_bytes(b"\x00garbage" * 64)
 
 
 def _error(name, command, expect, setup=None, timeout=QUICK):
@@ -142,4 +158,29 @@ CASES: list[Case] = [
     _error("search_with_qa_checkpoint", lambda ws: search_in(ws, *model(ws, "qa")),
            r"^error: search needs a retrieval or pre-training checkpoint; .*qa\.pth is a video QA checkpoint$",
            setup=write_index),
+    # --report into a folder that is not a report of the tool: refused before the search, nothing written
+    _error("report_into_a_folder_that_is_no_report", lambda ws: search_in(ws, "--report", str(ws.folder / "notes")),
+           r"^error: .*/notes exists and is not a search report written by this tool \(it holds keep\.txt\); choose "
+           r"another folder, or empty this one \(a report replaces its folder whole\)$", setup=folder_of_notes),
+    # a missing path is `file not found` (as everywhere), before any model is loaded; an undecodable one is not
+    _error("ask_missing_video", lambda ws: tool("ask", str(ws.folder / "missing.mp4"), "what moves?", *model(ws, "qa")),
+           r"^error: file not found: .*/missing\.mp4$"),
+    _error("caption_missing_video", lambda ws: tool("caption", str(ws.folder / "missing.mp4"), *model(ws, "pretrain")),
+           r"^error: file not found: .*/missing\.mp4$"),
+    _error("show_missing_video", lambda ws: tool("show", str(ws.folder / "missing.mp4"), "--out",
+                                                 str(ws.folder / "a.png"), *model(ws, "retrieval")),
+           r"^error: file not found: .*/missing\.mp4$"),
+    _error("index_missing_folder", lambda ws: tool("index", str(ws.folder / "no_videos_here"), "--index",
+                                                   str(ws.folder / "index"), *model(ws, "retrieval")),
+           r"^error: file not found: .*/no_videos_here$"),
+    _error("ask_undecodable_video", lambda ws: tool("ask", str(ws.folder / "broken.mp4"), "what moves?",
+                                                    *model(ws, "qa")),
+           r"^error: cannot decode video .*/broken\.mp4: ", setup=undecodable_video),
+    # a folder without videos: indexed (an empty index), with a warning naming what was looked for
+    Case("index_of_a_folder_without_videos",
+         lambda ws: tool("index", str(ws.folder / "empty"), "--index", str(ws.folder / "index"),
+                         *model(ws, "retrieval")),
+         r"^warning: no videos in .*/empty \(looked for \.mp4, \.webm, \.mkv, \.avi, \.mov files, in any case, in it "
+         r"and its subfolders\); the index .*/index holds none$", exit_code=0, stream="warning",
+         setup=folder_without_videos, timeout=QUICK),
 ]

@@ -9,9 +9,12 @@ TESTA_FAIL_AT_STEP=R:N   only rank R stops after step N, and only in torchrun's 
                          `torchrun --max-restarts` fails once and recovers (tests/test_restarts.py).
 TESTA_INTERRUPT_AFTER_STEP=N  the process sends itself SIGINT after step N, as Ctrl-C would
                          (tests/bad_inputs/interrupts.py): at a known step, however busy the machine.
+TESTA_INTERRUPT_AFTER_BATCH=N  `video_tool.py index` sends itself and its decoding workers SIGINT
+                         after encoding batch N, as Ctrl-C in a terminal would (tests/bad_inputs/interrupts.py).
 
-Unset, they cost one integer comparison per optimiser step.
+Unset, they cost one integer comparison per optimiser step (or batch).
 """
+import multiprocessing
 import os
 import signal
 import sys
@@ -42,6 +45,22 @@ def interrupt_step() -> int:
 def interrupt_self() -> None:
     """SIGINT to this process: Python raises KeyboardInterrupt at once, as for Ctrl-C."""
     os.kill(os.getpid(), signal.SIGINT)
+
+
+def interrupt_batch() -> int:
+    """The batch of videos after which an index run interrupts itself; 0: never."""
+    return int(os.environ.get("TESTA_INTERRUPT_AFTER_BATCH") or 0)
+
+
+def interrupt_with_workers() -> None:
+    """SIGINT to this process's children (DataLoader workers) and then to itself, as Ctrl-C sends it
+    to every process of the terminal's group (not to the group itself: under a test runner that
+    would interrupt the runner too)."""
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGINT)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background (`cmd &` in a script)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal's foreground
+    interrupt_self()
 
 
 def exit_abruptly(step: int) -> None:
