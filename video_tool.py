@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import functools
 import json
 import os
 import sys
 from pathlib import Path
 
-from runtime.errors import Interrupted, UserError, run_cli
+from runtime.errors import Interrupted, UserError, check_exists, run_cli
 
 # (least, most) of each numeric flag; None: no bound. Beyond a --scale of 32 a 224 px frame is
 # over 7,000 px wide, more memory than a picture is worth. torch seeds are 64-bit.
@@ -139,17 +138,6 @@ def stored_tokens(model, args):
     found = lookup(model, VideoIndex.open(args.index), args.video)
     print(found.note, file=sys.stderr, flush=True)
     return found.tokens
-
-
-def check_exists(path, kind: str) -> None:
-    """A missing `path` is `file not found: PATH` (runtime/errors.py), one of the other kind (a
-    folder given for a video, a file for a folder) says so: cheap, so before any model is loaded."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
-    if kind == "folder" and not os.path.isdir(path):
-        raise UserError(f"not a folder: {path}; index takes the folder that holds the videos")
-    if kind == "video" and os.path.isdir(path):
-        raise UserError(f"{path} is a folder, not a video file")
 
 
 def warn(message: str) -> None:

@@ -14,7 +14,6 @@ and re-ranking is the evaluation's own code (models.testa_retrieval.rerank_score
 """
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from models import create_model_and_transforms
 from models.checkpoint import CheckpointError, checkpoint_family, read_checkpoint, state_dict_of, task_of
 from models.testa_retrieval import rerank_scores
 from runtime.distributed import choose_device
-from runtime.errors import UserError
+from runtime.errors import UserError, check_exists
 from runtime.interrupts import ignore_interrupts, interrupts_held
 from runtime.precision import Precision, inference_precision, quantize_linear_layers
 
@@ -47,12 +46,6 @@ MODEL_TASKS = {"retrieval": "retrieval", "QA": "qa", "pre-training": "pretrain"}
 # (docs/checkpoints.md, "Loading rules"), but that model has not learnt to answer.
 LOADABLE_AS = {"retrieval": ("retrieval",), "QA": ("QA",), "pre-training": ("pre-training", "retrieval")}
 DEFAULT_BATCH_SIZE = 8
-
-
-def check_exists(path) -> None:
-    """A missing video is FileNotFoundError (`file not found: PATH`), not a decoding failure."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
 
 
 class VideoFiles(ClipDataset):

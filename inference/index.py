@@ -55,7 +55,10 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 # The config values an embedding depends on besides the checkpoint's weights.
-EMBEDDING_KEYS = ENCODER_KEYS + ("embed_dim", "num_frm_test", "frm_sampling_strategy_test")
+# What a video's tokens depend on besides the video encoder's weights (inference/stored.py), and
+# what its embedding depends on besides the checkpoint's weights.
+TOKEN_KEYS = ENCODER_KEYS + ("num_frm_test", "frm_sampling_strategy_test")
+EMBEDDING_KEYS = TOKEN_KEYS + ("embed_dim",)
 EMBEDDING_DTYPES = ("float32", "float16")  # how an index may store its embeddings (manifest "embedding_dtype")
 # What a manifest must hold: a damaged or hand-edited one is one line naming the entry, not a KeyError.
 MANIFEST_FIELDS = {"format": int, "root": str, "files": list, "unreadable": list, "checkpoint": dict,

@@ -27,11 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from configs.keys import ENCODER_KEYS, value
+from configs.keys import value
+from inference.index import TOKEN_KEYS
 
-# The config values a video's tokens depend on besides the encoder's weights: which frames are
-# decoded and at what size, and the encoder's shape and merging.
-TOKEN_KEYS = ENCODER_KEYS + ("num_frm_test", "frm_sampling_strategy_test")
 
 
 def encoder_fingerprint(encoder: nn.Module) -> str:

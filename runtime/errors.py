@@ -60,6 +60,17 @@ QUIET_WAIT_S = 5.0
 _PEER_EXITED = re.compile(r"Connection (closed|reset) by peer")
 
 
+def check_exists(path, kind: str = "video") -> None:
+    """A missing `path` is `file not found: PATH` (user_message); one of the other kind (a folder
+    given for a video, a file for a folder) says so. Cheap: callers check before loading a model."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    if kind == "folder" and not os.path.isdir(path):
+        raise UserError(f"not a folder: {path}; index takes the folder that holds the videos")
+    if kind == "video" and os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a video file")
+
+
 def one_line(text) -> str:
     """`text` with its lines joined by single spaces (blank lines and the indentation dropped)."""
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
