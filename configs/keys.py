@@ -26,6 +26,10 @@ DATASET_TASKS = {"retrieval_queryd": "retrieval", "retrieval_didemo": "retrieval
                  "retrieval_activitynet": "retrieval", "retrieval_condensedmovies": "retrieval",
                  "activitynet_qa": "qa"}
 FRAME_SAMPLING = ("uniform", "uniform_spread", "nlvl_uniform", "nlvl_rand", "rand", "headtail")
+# The token-reduction rules of models/rules (a test keeps the two lists equal) and their axes.
+MERGE_RULES = ("testa", "tome", "vid_tldr", "pitome", "adjacent", "pool", "random", "none")
+MERGE_AXES = ("time", "space")
+BUDGET = {"greater_than": 0, "maximum": 1}
 
 # Value rules, spread into _key(...).
 POSITIVE = {"minimum": 1}
@@ -86,6 +90,19 @@ CONFIG_KEYS: dict[str, ConfigKey] = {key.name: key for key in [
          "tokens merged per block; in `frame&patch` two entries per block (frames, then patches per frame)",
          **NON_NEGATIVE, entry_types=(int,)),
     _key("prop_attn", bool, False, "model", "proportional attention (off as published)"),
+    _key("merge_rule", (str, dict), "testa", "model",
+         "which tokens merge: a rule for both axes, or `{time: RULE, space: RULE}`; rules: "
+         + ", ".join(f"`{rule}`" for rule in MERGE_RULES), choices=MERGE_RULES),
+    _key("merge_budget", (int, float), None, "model",
+         "the encoder's cost as a fraction of the unmerged encoder's counted GMACs; set, it derives the "
+         "schedule (`testa_r` is then not read); 1 merges nothing", **BUDGET),
+    _key("merge_token_budget", (int, float), None, "model",
+         "fraction of the patch tokens that reach the text side (alone, or shaping the schedule under "
+         "`merge_budget`)", **BUDGET),
+    _key("merge_seed", int, 0, "model", "seed of the `random` rule's draws", **NON_NEGATIVE),
+    _key("merge_budget_range", list, None, "optimisation",
+         "`[low, high]`: train with a `merge_budget` drawn per step from this range (seeded, the same on "
+         "every rank), so that one checkpoint serves every budget", entry_types=(int, float), **BUDGET),
     _key("vit_grad_ckpt", bool, False, "model", "activation checkpointing of the video encoder"),
     _key("vit_ckpt_layer", int, 0, "model", "checkpoint the last N blocks", **NON_NEGATIVE),
     _key("drop_path_rate", _NUMBER, 0.0, "model", "stochastic depth of the video encoder (the original trains without)",
@@ -230,11 +247,13 @@ def check(config: dict, where: str) -> None:
 # record them (evaluation.evaluation_protocol, inference.index).
 ENCODER_KEYS = ("vit", "image_size", "patch_size", "vision_width", "num_heads", "depth", "num_frames",
                 "attention_type", "learnable_temporal_scaling", "token_merging", "merging_type", "testa_r",
-                "prop_attn")
+                "prop_attn", "merge_rule", "merge_budget", "merge_token_budget", "merge_seed")
 
 
 def value_problem(key: ConfigKey, given) -> str | None:
     """What `given` (of the right type) breaks of the key's value rules, in words; None if nothing."""
+    if isinstance(given, dict):
+        return _mapping_problem(key, given)
     if not isinstance(given, list):
         rule = _broken_rule(key, given)
         return rule and f"must be {rule}, got {given!r}"
@@ -245,6 +264,15 @@ def value_problem(key: ConfigKey, given) -> str | None:
         if rule:
             return f"has entry {entry!r}; entries must be {rule}"
     return None
+
+
+def _mapping_problem(key: ConfigKey, given: dict) -> str | None:
+    """A per-axis mapping (`merge_rule`): its keys are axes and its values within the key's rules."""
+    unknown = [axis for axis in given if axis not in MERGE_AXES]
+    if unknown:
+        return f"has axis {unknown[0]!r}; the axes are {', '.join(MERGE_AXES)}"
+    broken = [(axis, rule) for axis, entry in given.items() if (rule := _broken_rule(key, entry))]
+    return broken and f"has {broken[0][0]}: {given[broken[0][0]]!r}; it must be {broken[0][1]}"
 
 
 def _broken_rule(key: ConfigKey, given) -> str | None:

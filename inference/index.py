@@ -32,7 +32,6 @@ error line, not a SIGBUS, and for the tokens it shows before the first video is 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -44,12 +43,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configs.keys import ENCODER_KEYS, value
+from configs.keys import CONFIG_KEYS, ENCODER_KEYS, value
 from runtime.errors import Interrupted, UserError, user_message
 from runtime.fault_injection import interrupt_batch, interrupt_with_workers
 from runtime.precision import LABEL_NAMES
 from runtime.progress import ProgressLine
 from runtime.run_lock import acquire_run_lock, release_run_lock
+from utils import file_sha256
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -91,11 +91,7 @@ def checkpoint_record(path: Path, known: dict | None = None) -> dict:
     record = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if known and all(known.get(key) == record[key] for key in record):
         return dict(known)
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return {**record, "sha256": digest.hexdigest()}
+    return {**record, "sha256": file_sha256(path)}
 
 
 def fingerprint(model, known: dict | None = None) -> dict:
@@ -104,14 +100,20 @@ def fingerprint(model, known: dict | None = None) -> dict:
             "embedding_config": {key: value(model.config, key) for key in EMBEDDING_KEYS}}
 
 
+def recorded(settings: dict, key: str):
+    """A setting an index recorded; one made before the key existed was made with its default."""
+    return settings[key] if key in settings else CONFIG_KEYS[key].default
+
+
 def difference(index_folder, stored: dict, current: dict) -> str | None:
     """One line saying how a model differs from the one an index was made with, or None."""
     if stored["checkpoint"]["sha256"] != current["checkpoint"]["sha256"]:
         return (f"index {index_folder} was made with another checkpoint: {stored['checkpoint']['path']} "
                 f"(sha256 {stored['checkpoint']['sha256'][:12]}), not {current['checkpoint']['path']} "
                 f"(sha256 {current['checkpoint']['sha256'][:12]}); use another --index folder")
-    changed = [f"{key} {stored['embedding_config'].get(key)!r} (index) vs {current['embedding_config'][key]!r}"
-               for key in EMBEDDING_KEYS if stored["embedding_config"].get(key) != current["embedding_config"][key]]
+    was, now = stored["embedding_config"], current["embedding_config"]
+    changed = [f"{key} {recorded(was, key)!r} (index) vs {now[key]!r}"
+               for key in EMBEDDING_KEYS if recorded(was, key) != now[key]]
     if changed:
         return f"index {index_folder} was made with other settings: {', '.join(changed)}; use another --index folder"
     return None

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from configs.keys import value
-from inference.index import TOKEN_KEYS
+from inference.index import TOKEN_KEYS, recorded
 
 
 
@@ -78,8 +78,8 @@ def stored_tokens(model, index, video_path) -> StoredTokens:
     if (stat.st_size, stat.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
         return StoredTokens(None, f"{video_path} changed since {where} encoded it (run index again){decode}")
     stored = index.manifest["embedding_config"]
-    changed = [f"{key} {stored.get(key)!r} (index) vs {value(model.config, key)!r}" for key in TOKEN_KEYS
-               if stored.get(key) != value(model.config, key)]
+    changed = [f"{key} {recorded(stored, key)!r} (index) vs {value(model.config, key)!r}" for key in TOKEN_KEYS
+               if recorded(stored, key) != value(model.config, key)]
     if changed:
         return StoredTokens(None, f"{where} encoded its videos with other settings: {', '.join(changed)}{decode}")
     stored_sha = index.manifest.get("video_encoder_sha256")

@@ -72,13 +72,37 @@ def bipartite_soft_matching(metric: Tensor, r: int, protect_first: bool = False)
     ``protect_first`` keeps token 0 (a [CLS]) out of the merge by giving it score -inf;
     r is clamped to half the unprotected tokens.
     """
-    num_tokens = metric.shape[-2]
+    return bipartite_matching(_unit_scores(metric), r, protect_first)
+
+
+def bipartite_matching(scores: Tensor, r: int, protect_first: bool = False) -> Matching:
+    """The Matching of ``bipartite_soft_matching`` from any A-by-B score matrix (G, n_a, n_b):
+    each A (even) token's partner is its best-scoring B (odd) token, and the r best A tokens merge.
+    Scores of -inf never merge while others remain."""
+    num_tokens = scores.shape[-2] + scores.shape[-1]
     r = clamp_r(r, num_tokens, int(protect_first))
-    scores = _unit_scores(metric)
     if protect_first:
+        scores = scores.clone()
         scores[..., 0, :] = -torch.inf
     best_score, partner = scores.max(dim=-1)
     return _select(best_score, partner, r, num_tokens)
+
+
+def unit_scores(metric: Tensor) -> Tensor:
+    """Cosine similarity (float32) of the A (even) tokens of ``metric`` (G, n, C) with its B (odd) ones."""
+    return _unit_scores(metric)
+
+
+def pair_matching(merged_rows: Tensor, target_rows: Tensor, num_tokens: int) -> Matching:
+    """Matching that merges each row of ``merged_rows`` (G, r) into the row of ``target_rows`` (G, r)
+    beside it; survivors keep their original order. No target may itself be merged away."""
+    keep = torch.ones(merged_rows.shape[:-1] + (num_tokens,), dtype=torch.bool, device=merged_rows.device)
+    keep.scatter_(-1, merged_rows, False)
+    # A stable sort of "merged" flags lists the survivors first, in order.
+    output_rows = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)
+    output_rows = output_rows[..., :num_tokens - merged_rows.shape[-1]]
+    slot_of_row = keep.long().cumsum(dim=-1) - 1
+    return Matching(output_rows, merged_rows, slot_of_row.gather(-1, target_rows))
 
 
 def frame_matching(metric: Tensor, r: int, num_protected: int = 0) -> Matching:

@@ -10,6 +10,7 @@ The blocks are in models/timesformer_blocks.py, the embedding resizing in models
 `adapt_encoder_checkpoint` fits another encoder's weights to this one (models/checkpoint.py loads).
 """
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -19,10 +20,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from configs.keys import ConfigError, value
+from models.budget import EncoderShape, MergePlan, plan_for, schedule_for_budget
 from models.embedding_resize import resize_grid, resize_pos_embed, resize_time_embed
 from models.pixels import normalize
+from models.rules import resolve_rules
 from models.schedule import ATTENTION_ALIASES, MERGING_TYPES, merge_schedule, warn_schedule_notes
-from models.timesformer_blocks import DividedSpaceTimeBlock, Tokens, VideoTokens, ViTBlock, layer_norm
+from models.timesformer_blocks import DividedSpaceTimeBlock, MergeRules, Tokens, VideoTokens, ViTBlock, layer_norm
+from runtime.distributed import is_main_process
 
 ATTENTION_TYPES = ("divided_space_time", "space_only", "joint_space_time")
 
@@ -40,6 +44,8 @@ class EncoderTrace:
     # is column 1 + l*T0 + t (the published order) in every attention type.
     source: Optional[Tensor] = None
     block_sources: List[Tensor] = field(default_factory=list)  # the same after each block, if asked
+    # How many input tokens each output token stands for: (B, rows of the output); [CLS] counts 1.
+    size: Optional[Tensor] = None
 
 
 class TimeSformer(nn.Module):
@@ -50,7 +56,8 @@ class TimeSformer(nn.Module):
                  num_frames=8, attention_type="divided_space_time",
                  learnable_temporal_scaling=False, token_merging=False, testa_r=0,
                  merging_type="frame&patch", prop_attn=False, trace_source=False,
-                 grad_checkpointing=False, ckpt_layer=0):
+                 grad_checkpointing=False, ckpt_layer=0, merge_rule="testa", merge_budget=None,
+                 merge_token_budget=None, merge_seed=0):
         super().__init__()
         attention_type = ATTENTION_ALIASES.get(attention_type, attention_type)
         if attention_type not in ATTENTION_TYPES:
@@ -67,6 +74,19 @@ class TimeSformer(nn.Module):
         divided = attention_type == "divided_space_time"
         self.learnable_temporal_scaling = learnable_temporal_scaling and divided
         schedule = merge_schedule(testa_r, merging_type, attention_type, depth, token_merging)
+        rules = resolve_rules(merge_rule)
+        if not divided:  # one token sequence: the rule named for space, else the one for time
+            rules["space"] = rules["space"] if rules["space"].axes else rules["time"]
+        # The axes a budget may reduce: those the rules reduce, within those merging_type allows.
+        allowed = {"frame&patch": ("time", "space"), "frame": ("time",), "patch": ("space",)}[merging_type]
+        self.budget_axes = tuple(axis for axis in ("time", "space")
+                                 if rules[axis].axes and (axis in allowed if divided else axis == "space"))
+        # An axis whose rule is `none` does not merge, whatever testa_r says.
+        schedule = [(frame_r if rules["time"].axes and divided else 0, patch_r if rules["space"].axes else 0)
+                    for frame_r, patch_r in schedule]
+        self.merge_budget, self.merge_token_budget = merge_budget, merge_token_budget
+        self._testa_schedule = schedule
+        self._budget_schedules = {}  # (frames, patches, budget, token budget) -> schedule
 
         grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -84,11 +104,13 @@ class TimeSformer(nn.Module):
             frame_cap = 1 if merging_type == "frame&patch" else 0
             blocks = [DividedSpaceTimeBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, rate,
                                             num_frames, learnable_temporal_scaling, frame_r,
-                                            patch_r, frame_cap, prop_attn)
-                      for rate, (frame_r, patch_r) in zip(rates, schedule)]
+                                            patch_r, frame_cap, prop_attn,
+                                            MergeRules(rules["time"], rules["space"], index, depth, merge_seed))
+                      for index, (rate, (frame_r, patch_r)) in enumerate(zip(rates, schedule))]
         else:
-            blocks = [ViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, patch_r, prop_attn)
-                      for rate, (_, patch_r) in zip(rates, schedule)]
+            blocks = [ViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, patch_r, prop_attn,
+                               MergeRules(rules["time"], rules["space"], index, depth, merge_seed))
+                      for index, (rate, (_, patch_r)) in enumerate(zip(rates, schedule))]
         self.blocks = nn.ModuleList(blocks)
         self.norm = layer_norm(embed_dim)
         self._init_weights()
@@ -137,6 +159,45 @@ class TimeSformer(nn.Module):
         """(1, T, 1, D): broadcast over the patches of each frame."""
         return resize_time_embed(self.time_embed, frames, mode="nearest")[:, :, None]
 
+    # -- merge schedule
+    @property
+    def budgeted(self) -> bool:
+        """Whether a budget, not `testa_r`, sets the schedule."""
+        return self.merge_budget is not None or self.merge_token_budget is not None
+
+    def set_merge_budget(self, budget: Optional[float], token_budget: Optional[float] = None) -> None:
+        """Derive the schedule from a budget from the next forward on (None, None: back to `testa_r`).
+        Training with `merge_budget_range` calls this every step."""
+        self.merge_budget, self.merge_token_budget = budget, token_budget
+        if not self.budgeted:
+            self._set_schedule(self._testa_schedule)
+
+    def schedule(self) -> List[Tuple[int, int]]:
+        """The blocks' current (frames, patches) merge counts, before any clamping."""
+        return [(getattr(block, "frame_r", 0), getattr(block, "patch_r", getattr(block, "merge_r", 0)))
+                for block in self.blocks]
+
+    def _set_schedule(self, schedule: List[Tuple[int, int]]) -> None:
+        for block, (frame_r, patch_r) in zip(self.blocks, schedule):
+            if isinstance(block, DividedSpaceTimeBlock):
+                block.frame_r, block.patch_r = frame_r, patch_r
+            else:
+                block.merge_r = patch_r
+
+    def _schedule_for(self, frames: int, patches: int) -> List[Tuple[int, int]]:
+        """The budget's schedule for clips of `frames` x `patches` tokens (computed once per shape)."""
+        key = (frames, patches, self.merge_budget, self.merge_token_budget)
+        if key not in self._budget_schedules:
+            self._budget_schedules[key] = schedule_for_budget(
+                EncoderShape.of(self), frames, patches, self.budget_axes, self.merge_budget, self.merge_token_budget)
+        return self._budget_schedules[key]
+
+    def merge_plan(self, frames: int, patches: int) -> MergePlan:
+        """What the encoder computes for clips of `frames` frames of `patches` patches: its schedule,
+        counted GMACs against the unmerged encoder's, and the tokens that reach the text side."""
+        schedule = self._schedule_for(frames, patches) if self.budgeted else self.schedule()
+        return plan_for(EncoderShape.of(self), schedule, frames, patches, self.merge_budget)
+
     # -- forward
     def forward(self, video: Tensor) -> Tensor:
         return self._encode(video, None)
@@ -163,6 +224,8 @@ class TimeSformer(nn.Module):
     def _encode(self, video: Tensor, trace: Optional[EncoderTrace], track_source: bool = False,
                 every_block: bool = False) -> Tensor:
         cls, patches = self._embed(video)
+        if self.budgeted:
+            self._set_schedule(self._schedule_for(patches.shape[1], patches.shape[2]))
         if self.attention_type == "divided_space_time":
             return self._encode_divided(cls, patches, trace, track_source, every_block)
         batch, frames, num_patches, dim = patches.shape
@@ -188,8 +251,11 @@ class TimeSformer(nn.Module):
                 trace.frames_patches.append((frame_axis, tokens.x.shape[1] - 1))
                 if every_block:
                     trace.block_sources.append(self._clip_source(tokens.source, batch, frames))
-        if trace is not None and track_source:
-            trace.source = self._clip_source(tokens.source, batch, frames)
+        if trace is not None:
+            size = torch.ones_like(tokens.x[..., 0]) if tokens.size is None else tokens.size[..., 0]
+            trace.size = size.reshape(batch, -1)
+            if track_source:
+                trace.source = self._clip_source(tokens.source, batch, frames)
         out = self.norm(tokens.x)
         if self.attention_type == "space_only":
             out = out.reshape(batch, -1, dim)
@@ -225,8 +291,11 @@ class TimeSformer(nn.Module):
                 trace.frames_patches.append((tokens.patches.shape[2], tokens.patches.shape[1]))
                 if every_block:
                     trace.block_sources.append(_source_with_cls(tokens.source))
-        if trace is not None and track_source:
-            trace.source = _source_with_cls(tokens.source)
+        if trace is not None:
+            size = torch.ones_like(tokens.patches[..., 0]) if tokens.size is None else tokens.size[..., 0]
+            trace.size = torch.cat([size.new_ones(batch, 1), size.reshape(batch, -1)], dim=1)
+            if track_source:
+                trace.source = _source_with_cls(tokens.source)
         return self.norm(_flatten_stream(tokens))
 
 
@@ -258,23 +327,44 @@ def _per_frame_source_to_clip(source: Tensor, batch: int, frames: int) -> Tensor
     return torch.cat([per_frame[..., :1].reshape(batch, frames * tokens, 1), patches], dim=2)
 
 
-def build_video_encoder(config: dict) -> TimeSformer:
+def build_video_encoder(config: dict, verbose: bool = True) -> TimeSformer:
     """TimeSformer from the YAML config keys used by the released configs (``depth`` defaults
-    to the released 12; the toy configs use fewer blocks)."""
+    to the released 12; the toy configs use fewer blocks). `verbose`: say the merge plan or where
+    the encoder departs from `testa_r`, on stderr."""
     def get(name):
         return value(config, name, "the video encoder")
 
     if get("vit") != "timesformer":
         raise ConfigError(f"config 'vit' must be 'timesformer' (the only video encoder), got {get('vit')!r}")
-    warn_schedule_notes(config)
-    return TimeSformer(
+    encoder = TimeSformer(
         img_size=get("image_size"), patch_size=get("patch_size"), embed_dim=get("vision_width"),
         num_heads=get("num_heads"), depth=get("depth"), num_frames=get("num_frames"),
         attention_type=get("attention_type"), learnable_temporal_scaling=get("learnable_temporal_scaling"),
         token_merging=get("token_merging"), testa_r=get("testa_r"), merging_type=get("merging_type"),
         prop_attn=get("prop_attn"), grad_checkpointing=get("vit_grad_ckpt"), ckpt_layer=get("vit_ckpt_layer"),
-        drop_path_rate=get("drop_path_rate"),
+        drop_path_rate=get("drop_path_rate"), merge_rule=get("merge_rule"), merge_budget=get("merge_budget"),
+        merge_token_budget=get("merge_token_budget"), merge_seed=get("merge_seed"),
     )
+    if encoder.budgeted:
+        check_merge_plans(config, encoder, say=verbose)
+    elif verbose:
+        warn_schedule_notes(config)
+    return encoder
+
+
+def check_merge_plans(config: dict, encoder: TimeSformer, say: bool = True) -> None:
+    """A budget out of reach for the config's clips is a ConfigError before any work; with `say`, the
+    schedule it resolves to and its counted GMACs, one line per clip length (rank 0)."""
+    patches = (value(config, "image_size") // value(config, "patch_size")) ** 2
+    for frames in dict.fromkeys(config[name] for name in ("num_frm_train", "num_frm_test") if config.get(name)):
+        try:
+            plan = encoder.merge_plan(frames, patches)
+        except ValueError as error:
+            raise ConfigError(f"merge_budget {encoder.merge_budget}, merge_token_budget "
+                              f"{encoder.merge_token_budget}: {error}") from None
+        if say and is_main_process():
+            print(f"merge plan ({value(config, 'merge_rule')}, clips of {frames} frames): {plan.describe()}",
+                  file=sys.stderr, flush=True)
 
 
 def adapt_encoder_checkpoint(state_dict: dict, model_state: dict, prefix: str = "") -> dict[str, list[str]]:

@@ -42,7 +42,8 @@ def test_every_minimum_is_the_lowest_value_accepted(name):
     assert load_toy([*divisible_by_anything, f"{name}={lowest}"])[name] == lowest
 
 
-@pytest.mark.parametrize("name", sorted(name for name, key in CONFIG_KEYS.items() if key.maximum is not None))
+@pytest.mark.parametrize("name", sorted(name for name, key in CONFIG_KEYS.items()
+                                        if key.maximum is not None and key.types != (list,)))
 def test_every_maximum_is_the_highest_value_accepted(name):
     with pytest.raises(ConfigError, match=rf"'{name}' in override '{name}=1.5' must be <= 1, got 1.5"):
         load_toy([f"{name}=1.5"])
@@ -70,7 +71,11 @@ def test_numbers_must_be_finite():
     ("testa_r=[1.5, 2]", r"has entry 1.5; entries must be int"),
     ("testa_r=[1, true]", r"has entry True; entries must be int"),
     ("testa_r=-3", r"'testa_r' in override 'testa_r=-3' must be >= 0, got -3"),
-    ("train_file=[a.json, 7]", r"'train_file' in override .* has entry 7; entries must be str")])
+    ("train_file=[a.json, 7]", r"'train_file' in override .* has entry 7; entries must be str"),
+    ("merge_budget_range=[0.2, 1.5]", r"has entry 1.5; entries must be <= 1"),
+    ("merge_budget_range=[0, 0.5]", r"has entry 0; entries must be > 0"),
+    ("merge_rule={time: adjacent, space: tomme}", r"'merge_rule' .* has space: 'tomme'; it must be one of 'testa'"),
+    ("merge_rule={frames: tome}", r"'merge_rule' .* has axis 'frames'; the axes are time, space")])
 def test_list_entries_are_checked_one_by_one(override, expected):
     with pytest.raises(ConfigError, match=expected):
         load_toy([override], "pretrain")
@@ -120,6 +125,7 @@ def test_the_enumerations_are_the_ones_the_code_acts_on():
     from data.video import STRATEGIES
     from evaluation.metrics import TIE_RULES
     from evaluation.qa import INFERENCE_MODES
+    from models.rules import RULES
     from models.schedule import ATTENTION_ALIASES, MERGING_TYPES
     from models.timesformer import ATTENTION_TYPES
     from runtime.precision import PRECISION_METHODS
@@ -129,7 +135,7 @@ def test_the_enumerations_are_the_ones_the_code_acts_on():
                 "tie_rule": set(TIE_RULES), "inference": set(INFERENCE_MODES),
                 "answer_candidates": set(ANSWER_CANDIDATE_RULES), "weight_decay_exempt": set(EXEMPTION_RULES),
                 "dataset": {*RETRIEVAL_FORMATS, "activitynet_qa"}, "vit": {"timesformer"},
-                "mixed_precision_method": set(PRECISION_METHODS)}
+                "mixed_precision_method": set(PRECISION_METHODS), "merge_rule": set(RULES)}
     assert {name: set(key.choices) for name, key in CONFIG_KEYS.items() if key.choices} == acted_on
     assert set(FRAME_SAMPLING) == set(STRATEGIES)
 

@@ -154,3 +154,14 @@ def test_a_damaged_approximate_index_is_built_again(toy, retrieval, tmp_path):
     open_approximate(index, log=said.append)
     assert "unreadable" in said[0] and "building it again" in said[0]
     assert retrieval.search(QUERY, index, k=8, rerank=0, approximate=True) == exact
+
+
+def test_an_index_made_before_the_merge_keys_existed_fits_a_model_with_their_defaults():
+    from configs.keys import CONFIG_KEYS
+    from inference.index import EMBEDDING_KEYS, difference
+    settings = {key: CONFIG_KEYS[key].default for key in EMBEDDING_KEYS}
+    current = {"checkpoint": {"sha256": "a", "path": "model.pth"}, "embedding_config": settings}
+    older = {**current, "embedding_config": {key: v for key, v in settings.items() if not key.startswith("merge_")}}
+    assert difference("idx", older, current) is None
+    budgeted = {**current, "embedding_config": {**settings, "merge_budget": 0.5}}
+    assert "merge_budget None (index) vs 0.5" in difference("idx", older, budgeted)

@@ -9,6 +9,7 @@ import torch
 from configs.keys import value
 from models.checkpoint import load_checkpoint
 from runtime.distributed import gather_objects, is_main_process, unwrap_model, wrap_distributed
+from training.budgets import BudgetDraws
 from training.checkpoints import Checkpointer
 from training.cli import Run
 from training.logging import ExperimentLogger, log_epoch, write_results
@@ -55,6 +56,7 @@ def fit(run: Run, model: torch.nn.Module, train_loader, compute_losses, schedule
                                 run.provenance)
     resume = checkpointer.resume(args.checkpoint)
     options = LoopOptions.from_args(args, run.seed, config)
+    options.budget_draws = BudgetDraws.from_config(model, config, run.seed)
     experiment_logger = ExperimentLogger(run.output_dir, config, args.tensorboard, args.wandb)
     finish = EpochEnd(run, model, checkpointer, experiment_logger, validate, best_metric, checkpoint_every_epoch)
     start = resume.epoch if resume else 0

@@ -17,6 +17,7 @@ from runtime.fault_injection import exit_abruptly, exit_step, interrupt_self, in
 from runtime.numerics import first_nonfinite_tensor, nonfinite_name
 from runtime.precision import Precision
 from runtime.progress import MetricLogger, SmoothedValue
+from training.budgets import BudgetDraws
 from training.checkpoints import Checkpointer, ResumePoint
 from training.optim import set_lr
 from utils import move_to_device, seed_everything, set_rng_state
@@ -29,6 +30,7 @@ class LoopOptions:
     log_every: int = 50
     save_every_steps: int = 0  # optimiser steps between mid-epoch checkpoint_last.pth (0: off)
     seed: int | None = None  # reseed every epoch from (seed, rank, epoch) when set
+    budget_draws: BudgetDraws | None = None  # a token budget per step (merge_budget_range)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, seed: int | None, config: dict) -> "LoopOptions":
@@ -250,6 +252,8 @@ def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precis
                 if lr_schedule is not None:
                     set_lr(optimizer, lr_schedule(epoch, update_index))
                 metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+            if options.budget_draws is not None:
+                options.budget_draws.set_step(epoch, index)
             sync = nullcontext() if is_update or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with precision.autocast():
@@ -262,6 +266,8 @@ def train_one_epoch(model, loader, optimizer, epoch: int, compute_losses, precis
                 _after_update(epoch, index + 1, total, update_index, epoch * updates_per_epoch + update_index + 1,
                               options, metric_logger, checkpointer, experiment_logger, stop_after, interrupt_after)
             in_progress = index + 1
+    if options.budget_draws is not None:
+        options.budget_draws.restore()
     metric_logger.synchronize_between_processes()
     print(f"Averaged stats: {metric_logger}")
     return metric_logger.global_averages()
