@@ -11,9 +11,8 @@ import sys
 
 from configs.keys import value
 from data.loader import create_split_loaders, vqa_collate_fn
-from evaluation import evaluation_protocol
-from evaluation.metrics import qa_accuracy
-from evaluation.qa import predict_answers
+from evaluation import evaluation_protocol, merge_record
+from evaluation.qa import evaluate_qa, qa_protocol
 from models import create_model
 from runtime.distributed import get_rank, get_world_size, is_main_process, unwrap_model
 from runtime.errors import run_cli
@@ -48,25 +47,18 @@ def main():
         compile_visual_encoder(model, run.device)
 
     def evaluate(model, split: str, tag: str) -> dict:
-        dataset = datasets[split]
-        predictions = predict_answers(unwrap_model(model), loaders[split], dataset.answer_list, run.device,
-                                      run.precision.autocast, inference, k_test)
+        metrics, predictions = evaluate_qa(unwrap_model(model), loaders[split], datasets[split], run.device,
+                                           run.precision.autocast, inference, k_test)
         if is_main_process():
             (run.output_dir / "result").mkdir(exist_ok=True)
             (run.output_dir / "result" / f"{split}_{tag}.json").write_text(json.dumps(predictions))
-        asked = set(dataset.question_ids)  # questions whose video exists
-        answers = {qid: answer for qid, answer in dataset.answers.items() if qid in asked}
-        metrics = qa_accuracy({p["question_id"]: p["answer"] for p in predictions}, answers,
-                              dataset.question_types or None)
-        if inference == "rank":  # the accuracy `rank` can reach is the share of true answers among the candidates
-            metrics.update(num_candidates=len(dataset.answer_list), candidates_cover=dataset.candidate_coverage())
         return metrics
 
     if inference == "rank":
         for split in splits[-1:] if args.evaluate else splits[1:]:
             warn_about_uncovered_answers(datasets[split], split)
-    candidates = {"answer_candidates": datasets["test"].candidate_rule} if inference == "rank" else {}
-    protocol = evaluation_protocol(config, config.get("pretrained"), inference=inference, **candidates)
+    protocol = evaluation_protocol(config, config.get("pretrained"), **qa_protocol(inference, datasets["test"]),
+                                   merge=merge_record(model.visual_encoder, config))
     if args.evaluate:
         report_test(run, model, lambda m: evaluate(m, "test", "zero_shot"), "evaluate.txt", protocol)
         return

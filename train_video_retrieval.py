@@ -6,9 +6,8 @@ recall), then tests with the best weights. `--evaluate` only tests the `pretrain
 """
 from configs.keys import value
 from data.loader import create_split_loaders
-from evaluation import evaluation_protocol
-from evaluation.metrics import retrieval_metrics
-from evaluation.retrieval import RetrievalSettings, score_matrices, write_submission
+from evaluation import evaluation_protocol, merge_record
+from evaluation.retrieval import RetrievalSettings, evaluate_retrieval, withholds_test_labels, write_submission
 from models import create_model
 from runtime.distributed import get_rank, get_world_size, is_main_process, unwrap_model
 from runtime.errors import run_cli
@@ -34,20 +33,20 @@ def main():
         compile_visual_encoder(model, run.device)
 
     def evaluate(model, split: str) -> dict:
-        dataset = datasets[split]
-        scores_t2v, scores_v2t = score_matrices(unwrap_model(model), loaders[split], dataset.text, run.device,
-                                                run.precision.autocast, settings)
+        labels_private = split == "test" and withholds_test_labels(config)
+        metrics, scores_t2v, scores_v2t = evaluate_retrieval(unwrap_model(model), loaders[split], datasets[split],
+                                                             run.device, run.precision.autocast, settings,
+                                                             labels_private)
         if split == "test" and is_main_process():  # kept for analysis and for ensembling runs
             atomic_torch_save({"txt2video": scores_t2v, "video2txt": scores_v2t}, run.output_dir / "scores_test.pt")
-        if split == "test" and config["dataset"] == "retrieval_condensedmovies":
-            # The challenge's test labels are private: write the submission instead of metrics.
+        if labels_private:  # the challenge scores a submission instead of metrics
             if is_main_process():
                 write_submission(scores_t2v, run.output_dir / "submission.zip")
             print(f"wrote {run.output_dir / 'submission.zip'} (text-to-video scores, {tuple(scores_t2v.shape)})")
-            return {}
-        return retrieval_metrics(scores_t2v, scores_v2t, dataset.txt2video, dataset.video2txt, settings.tie_rule)
+        return metrics
 
-    protocol = evaluation_protocol(config, config.get("pretrained"))
+    protocol = evaluation_protocol(config, config.get("pretrained"),
+                                   merge=merge_record(model.visual_encoder, config))
     if args.evaluate:
         report_test(run, model, lambda m: evaluate(m, "test"), "evaluate.txt", protocol)
         return

@@ -1,10 +1,12 @@
 """Small generic helpers the scripts, training core and benchmarks share: seeding and RNG
-state, the CPU allocator setting, atomic saves, moving nested batches to a device and
-listing the operations a function dispatches."""
+state, the CPU allocator setting, atomic saves, file hashes, moving nested batches to a
+device and listing the operations a function dispatches."""
 import ctypes
+import hashlib
 import os
 import random
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -75,22 +77,42 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(python_state), gauss_next))
 
 
-def atomic_torch_save(obj, path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(handle)` to a temporary file in the same folder, fsync, then rename it over `path`.
 
-    A crash mid-write leaves any previous file at `path` intact. Callers guard the rank.
+    A crash mid-write leaves any previous file at `path` intact, and never a half-written file that
+    a rerun would take for a finished one. Callers guard the rank.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(temporary, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def atomic_torch_save(obj, path) -> None:
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """`data` written through atomic_write."""
+    atomic_write(path, lambda handle: handle.write(data))
+
+
+def file_sha256(path) -> str:
+    """The hex sha256 of a file's bytes, read in 4 MiB blocks (a checkpoint may not fit in memory twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def move_to_device(batch, device: torch.device):

@@ -6,6 +6,7 @@
     python video_tool.py ask VIDEO "what moves first?" --config CFG --checkpoint QA_CKPT [--answers FILE] [--index IDX]
     python video_tool.py caption VIDEO --config CFG --checkpoint PRETRAIN_CKPT [--sample --seed 0] [--index IDX]
     python video_tool.py show VIDEO --out agg.png --config CFG --checkpoint CKPT [--per_block] [--gif] [--scale 4]
+        [--rule NAME] [--budget FRACTION]
 
 `index` and `search` take the config and checkpoint from the index when not given. A
 mistake in the input or a failing environment (a full disk) prints one `error:` line and
@@ -25,6 +26,7 @@ import os
 import sys
 from pathlib import Path
 
+from configs.keys import MERGE_RULES
 from runtime.errors import Interrupted, UserError, check_exists, run_cli
 
 # (least, most) of each numeric flag; None: no bound. Beyond a --scale of 32 a 224 px frame is
@@ -93,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--per_block", action="store_true", help="one picture per encoder block")
     show.add_argument("--gif", action="store_true", help="also an animated GIF")
     show.add_argument("--scale", type=int, default=1, help="enlarge the frames this many times (64 px toy frames: 4)")
+    show.add_argument("--rule", default=None, metavar="NAME",
+                      help=f"the token-reduction rule (config key merge_rule): {', '.join(MERGE_RULES)} "
+                           "(default: the config's)")
+    show.add_argument("--budget", type=float, default=None, metavar="FRACTION",
+                      help="the encoder's GMACs as a fraction of the unmerged encoder's, in (0, 1] (config key "
+                           "merge_budget; default: the config's)")
     add_model_options(show)
     return parser
 
@@ -241,9 +249,18 @@ def run_show(args, out) -> None:
     if Path(args.out).suffix.lower() not in Image.registered_extensions():
         raise UserError(f"--out {args.out}: not a picture file name; use a .png name")
     check_exists(args.video, "video")
+    # --rule and --budget stand for config overrides, after --options so that they win.
+    args.options = [*args.options, *(f"{key}={setting}" for key, setting in
+                                     (("merge_rule", args.rule), ("merge_budget", args.budget)) if setting is not None)]
     model = load_model(args)
     clip = model.load_clip(args.video)
-    for path in render_aggregation(model.model.visual_encoder, clip.tensor.to(model.device), clip.frames,
+    encoder = model.model.visual_encoder
+    if not encoder.budgeted:  # with a budget, building the encoder said its plan
+        _, _, frames, height, width = clip.tensor.shape
+        patch = encoder.patch_embed.proj.kernel_size[0]
+        print(f"merge plan: {encoder.merge_plan(frames, (height // patch) * (width // patch)).describe()}",
+              file=sys.stderr, flush=True)
+    for path in render_aggregation(encoder, clip.tensor.to(model.device), clip.frames,
                                    Path(args.out), per_block=args.per_block, gif=args.gif, scale=args.scale):
         print(path, file=out)
 

@@ -22,6 +22,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+# Written once in runtime/machine.py (the sweep measures with them too); the scripts call them as common.*.
+from runtime.machine import (cpu_model, current_memory_mib, peak_memory_mib, reset_peak_memory,  # noqa: F401
+                             return_freed_memory_to_os)
 from runtime.precision import inference_precision
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,65 +133,10 @@ def count_gmacs(fn):
     return counter.get_total_flops() / 2 / 1e9
 
 
-def _read_status_kib(field):
-    with open('/proc/self/status') as status:
-        for line in status:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field} line")
-
-
-def return_freed_memory_to_os():
-    """Re-run this benchmark (its command line as given: python -m benchmarks.X ...) with glibc's
-    mmap threshold fixed at 64 KiB, unless already so.
-
-    By default glibc raises its threshold after large frees and keeps freed tensors in the heap,
-    so the RSS would still hold a previous step's activations and peak RSS would under-report a
-    later step. With a fixed threshold every tensor is its own mapping, returned on free."""
-    if os.environ.get('MALLOC_MMAP_THRESHOLD_') != '65536':
-        os.environ['MALLOC_MMAP_THRESHOLD_'] = '65536'
-        os.execv(sys.executable, sys.orig_argv)
-
-
-def reset_peak_memory(device):
-    """Start a new peak-memory window: CUDA allocator peak, or the process's peak RSS (VmHWM),
-    which Linux resets when '5' is written to /proc/self/clear_refs."""
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with open('/proc/self/clear_refs', 'w') as clear_refs:
-        clear_refs.write('5')
-
-
-def peak_memory_mib(device):
-    """Peak since the last reset: max_memory_allocated on CUDA, peak RSS of the process on CPU
-    (the RSS includes the weights, the Python interpreter and allocator caches)."""
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return _read_status_kib('VmHWM') / 1024
-
-
-def current_memory_mib(device):
-    if device.type == 'cuda':
-        return torch.cuda.memory_allocated(device) / 2 ** 20
-    return _read_status_kib('VmRSS') / 1024
-
-
-def _cpu_model():
-    try:
-        with open('/proc/cpuinfo') as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device):
     info = {
         'date_utc': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-        'cpu': _cpu_model(),
+        'cpu': cpu_model(),
         'cpu_count': os.cpu_count(),
         'torch_threads': torch.get_num_threads(),
         'omp_num_threads_env': os.environ.get('OMP_NUM_THREADS'),

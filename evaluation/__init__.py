@@ -16,3 +16,14 @@ def evaluation_protocol(config: dict, checkpoint: str | None, **extra) -> dict:
             "frame_sampling": value(config, "frm_sampling_strategy_test"), "k_test": config.get("k_test"),
             "tie_rule": value(config, "tie_rule"), "checkpoint": checkpoint or None,
             "model": {name: value(config, name) for name in MODEL_KEYS}, **extra}
+
+
+def merge_record(encoder, config: dict) -> dict:
+    """What the video encoder's token merging costs on the test clips, written next to the metrics:
+    the rule, the budget, the resolved per-block schedule and the counted GMACs (models/budget.py)."""
+    patches = (value(config, "image_size") // value(config, "patch_size")) ** 2
+    plan = encoder.merge_plan(value(config, "num_frm_test"), patches)
+    return {"rule": value(config, "merge_rule"), "budget": plan.budget, "schedule": plan.schedule,
+            "gmacs": round(plan.macs / 1e9, 4), "unmerged_gmacs": round(plan.unmerged_macs / 1e9, 4),
+            "cost_fraction": round(plan.cost_fraction, 4), "tokens_out": plan.tokens_out,
+            "token_fraction": round(plan.token_fraction, 4)}

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 import torch
 
 from configs.keys import ConfigError
+from evaluation.metrics import qa_accuracy
 from runtime.distributed import gather_objects
 from runtime.errors import NonFiniteError
 from runtime.numerics import first_nonfinite_tensor
@@ -87,3 +88,24 @@ def predict_answers(model, loader, answer_list: list[str], device: torch.device,
                                      f"(questions {question_ids[0]} to {question_ids[-1]})")
             results += [{"question_id": qid, "answer": answer} for qid, answer in zip(question_ids, answers)]
     return merge_rank_results(results)
+
+
+def evaluate_qa(model, loader, dataset, device: torch.device, autocast, inference: str,
+                k_test: int) -> tuple[dict, list[dict]]:
+    """predict_answers for `dataset` (a VideoQADataset, its clips from `loader`) and their qa_accuracy,
+    as (metrics, predictions): what train_video_qa.py and the sweep report. Only the questions
+    asked count (those whose video exists); `rank` adds the candidates' count and the share of
+    questions whose true answer is among them, the accuracy it can reach."""
+    predictions = predict_answers(model, loader, dataset.answer_list, device, autocast, inference, k_test)
+    asked = set(dataset.question_ids)
+    answers = {qid: answer for qid, answer in dataset.answers.items() if qid in asked}
+    metrics = qa_accuracy({p["question_id"]: p["answer"] for p in predictions}, answers, dataset.question_types or None)
+    if inference == "rank":
+        metrics.update(num_candidates=len(dataset.answer_list), candidates_cover=dataset.candidate_coverage())
+    return metrics, predictions
+
+
+def qa_protocol(inference: str, dataset) -> dict:
+    """What a QA result's evaluation_protocol records beyond the config's settings: the inference
+    mode and, for `rank`, where the candidate answers of `dataset` came from."""
+    return {"inference": inference, **({"answer_candidates": dataset.candidate_rule} if inference == "rank" else {})}

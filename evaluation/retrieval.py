@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from configs.keys import ConfigError, value
-from evaluation.metrics import TIE_RULES
+from evaluation.metrics import TIE_RULES, retrieval_metrics
 from models.testa_retrieval import rerank_scores, rows_per_itm_batch
 from runtime.distributed import gather_objects, get_rank, get_world_size
 from runtime.numerics import require_finite
@@ -21,6 +21,8 @@ from runtime.progress import MetricLogger
 from runtime.sharding import shard_indices
 
 TEXT_BATCH = 256
+# The datasets whose test labels are private: their --evaluate writes a challenge submission.
+PRIVATE_TEST_LABELS = ("retrieval_condensedmovies",)
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,24 @@ def score_matrices(model, loader, texts: list[str], device: torch.device, autoca
         require_finite(parts[-1], lambda row: f"non-finite ITM scores in {direction} re-ranking (first at {query} {row})")
     scores_v2t, scores_t2v = parts
     return scores_t2v, scores_v2t
+
+
+def evaluate_retrieval(model, loader, dataset, device: torch.device, autocast, settings: RetrievalSettings,
+                       labels_private: bool = False) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """score_matrices of `dataset` (a RetrievalEvalDataset, its videos from `loader`) and their
+    retrieval_metrics, as (metrics, scores_t2v, scores_v2t): what train_video_retrieval.py and the
+    sweep report. `labels_private`: the split's ground truth is withheld (withholds_test_labels),
+    so there are no metrics ({}), only the scores."""
+    scores_t2v, scores_v2t = score_matrices(model, loader, dataset.text, device, autocast, settings)
+    if labels_private:
+        return {}, scores_t2v, scores_v2t
+    metrics = retrieval_metrics(scores_t2v, scores_v2t, dataset.txt2video, dataset.video2txt, settings.tie_rule)
+    return metrics, scores_t2v, scores_v2t
+
+
+def withholds_test_labels(config: dict) -> bool:
+    """Whether the config's dataset withholds its test labels (a challenge scores a submission instead)."""
+    return value(config, "dataset") in PRIVATE_TEST_LABELS
 
 
 def write_submission(scores_t2v: torch.Tensor, path: Path) -> None:

@@ -111,3 +111,15 @@ def test_search_benchmark_at_scale_is_exact(tmp_path):
         assert all(0 <= row["recall@10"] <= 1 for row in approximate["by_nprobe"])
     else:
         assert approximate.startswith("not run: faiss does not import")
+
+
+def test_rules_benchmark_times_every_rule_on_the_axes_it_reduces(tmp_path):
+    from models.rules import RULES
+    payload = run_benchmark("bench_rules", tmp_path, "--quick", "--warmup", 0)
+    rows = {row["rule"]: row for row in payload["rows"]}
+    assert set(rows) == {name for name, rule in RULES.items() if rule.axes}
+    assert rows["vid_tldr"]["attention_map_included"] and not rows["tome"]["attention_map_included"]
+    for name, row in rows.items():  # an axis a rule does not reduce is not timed
+        assert [row[f"{axis}_ms"] is not None for axis in ("time", "space")] == [
+            axis in RULES[name].axes for axis in ("time", "space")]
+        assert row["decision_ms"] > 0 and row["share_pct"] > 0
