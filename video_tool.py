@@ -32,7 +32,7 @@ from runtime.errors import Interrupted, UserError, check_exists, run_cli
 # (least, most) of each numeric flag; None: no bound. Beyond a --scale of 32 a 224 px frame is
 # over 7,000 px wide, more memory than a picture is worth. torch seeds are 64-bit.
 NUMBER_RANGES = {"k": (1, None), "rerank": (0, None), "batch_size": (1, None), "num_workers": (0, None),
-                 "scale": (1, 32), "seed": (0, 2**64 - 1)}
+                 "scale": (1, 32), "seed": (0, 2**64 - 1), "budget": (0, 1)}
 # runtime.precision.INFERENCE_PRECISIONS (not imported here: it imports torch, which --help does not need).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 # The model each command needs; `show` pictures the video encoder of any family.

@@ -73,6 +73,7 @@ def test_gradients_flow_through_the_merged_tokens(rule):
     assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0
 
 
+@pytest.mark.slow  # a compilation per rule
 @pytest.mark.parametrize("rule", MERGING_RULES)
 def test_torch_compile_runs_each_rule_and_matches_eager(rule):
     model = encoder(rule, "divided_space_time")
