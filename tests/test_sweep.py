@@ -226,3 +226,29 @@ def test_show_pictures_a_rule_at_a_budget(toy, tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.startswith("error: ") and error.count("\n") == 1
     assert "budget 0.2 is below the lowest reachable cost fraction" in error and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.slow
+def test_a_qa_config_sweeps_the_accuracy(toy, tmp_path):
+    argv = ["--config", toy.configs["qa"], "--checkpoint", toy.checkpoints["qa"], "--rules", "tome",
+            "--budgets", "1,0.6", "--output_dir", tmp_path, "--device", "cpu", *toy.overrides]
+    sweep.main([str(arg) for arg in argv])
+    header, rows = read_csv(tmp_path / "sweep.csv")
+    assert "accuracy" in header and "r_mean" not in header
+    assert [(row["budget"], row["status"]) for row in rows] == [("1.0", "done"), ("0.6", "done")]
+    assert (tmp_path / "frontier.png").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_at_another_rule_and_budget_writes_its_plan_next_to_the_metrics(toy, tmp_path):
+    done = subprocess.run([sys.executable, "train_video_retrieval.py", "--config", str(toy.configs["retrieval"]),
+                           "--output_dir", str(tmp_path), "--evaluate", "--device", "cpu",
+                           f"pretrained={toy.checkpoints['retrieval']}", "merge_rule=tome", "merge_budget=0.6",
+                           *toy.overrides], cwd=REPO_ROOT, env=environment(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "merge plan (tome, clips of 8 frames): budget 0.60: " in done.stderr
+    result = json.loads((tmp_path / "evaluate.txt").read_text().splitlines()[-1])
+    assert result["merge"]["rule"] == "tome" and result["merge"]["budget"] == 0.6
+    assert abs(result["merge"]["cost_fraction"] / 0.6 - 1) <= 0.02
+    assert result["model"]["merge_rule"] == "tome" and result["model"]["merge_budget"] == 0.6
