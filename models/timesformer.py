@@ -174,7 +174,7 @@ class TimeSformer(nn.Module):
 
     def schedule(self) -> List[Tuple[int, int]]:
         """The blocks' current (frames, patches) merge counts, before any clamping."""
-        return [(getattr(block, "frame_r", 0), getattr(block, "patch_r", getattr(block, "merge_r", 0)))
+        return [(block.frame_r, block.patch_r) if isinstance(block, DividedSpaceTimeBlock) else (0, block.merge_r)
                 for block in self.blocks]
 
     def _set_schedule(self, schedule: List[Tuple[int, int]]) -> None:
