@@ -43,7 +43,11 @@ def interrupt_step() -> int:
 
 
 def interrupt_self() -> None:
-    """SIGINT to this process: Python raises KeyboardInterrupt at once, as for Ctrl-C."""
+    """SIGINT to this process: Python raises KeyboardInterrupt at once, as for Ctrl-C in a terminal's
+    foreground, also where the process was started in the background (`cmd &` in a script), which
+    starts it with SIGINT ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     os.kill(os.getpid(), signal.SIGINT)
 
 
@@ -58,8 +62,6 @@ def interrupt_with_workers() -> None:
     would interrupt the runner too)."""
     for child in multiprocessing.active_children():
         os.kill(child.pid, signal.SIGINT)
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background (`cmd &` in a script)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal's foreground
     interrupt_self()
 
 
