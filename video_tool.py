@@ -7,6 +7,11 @@
     python video_tool.py caption VIDEO --config CFG --checkpoint PRETRAIN_CKPT [--sample --seed 0] [--index IDX]
     python video_tool.py show VIDEO --out agg.png --config CFG --checkpoint CKPT [--per_block] [--gif] [--scale 4]
         [--rule NAME] [--budget FRACTION]
+    ask, caption and show also take [--start SECONDS] [--end SECONDS]: that span of the video only.
+
+`index --window SECONDS [--stride SECONDS]` indexes files longer than the window as windows
+(stride: half the window by default), each a search hit with its start and end; without
+--window a new index holds one embedding per file, and an update keeps the index's windows.
 
 `index` and `search` take the config and checkpoint from the index when not given. A
 mistake in the input or a failing environment (a full disk) prints one `error:` line and
@@ -32,7 +37,8 @@ from runtime.errors import Interrupted, UserError, check_exists, run_cli
 # (least, most) of each numeric flag; None: no bound. Beyond a --scale of 32 a 224 px frame is
 # over 7,000 px wide, more memory than a picture is worth. torch seeds are 64-bit.
 NUMBER_RANGES = {"k": (1, None), "rerank": (0, None), "batch_size": (1, None), "num_workers": (0, None),
-                 "scale": (1, 32), "seed": (0, 2**64 - 1), "budget": (0, 1)}
+                 "scale": (1, 32), "seed": (0, 2**64 - 1), "budget": (0, 1), "window": (0.1, None),
+                 "stride": (0.1, None), "start": (0, None), "end": (0, None)}
 # runtime.precision.INFERENCE_PRECISIONS (not imported here: it imports torch, which --help does not need).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 # The model each command needs; `show` pictures the video encoder of any family.
@@ -53,6 +59,20 @@ def add_model_options(parser: argparse.ArgumentParser, required: bool = True) ->
                         help="config overrides, e.g. --options num_frm_test=16")
 
 
+def add_span_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--start", type=float, default=None, metavar="SECONDS",
+                        help="use the video from here on (default: its beginning), read as a clip of its own")
+    parser.add_argument("--end", type=float, default=None, metavar="SECONDS",
+                        help="use the video up to here (default: its end)")
+
+
+def span_of(args) -> tuple | None:
+    """(start, end) seconds of --start/--end (None: the video's beginning, its end), None for the whole video."""
+    if args.start is None and args.end is None:
+        return None
+    return args.start, args.end
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "float16 halves their size and search time, rounding the ITC scores")
     index.add_argument("--batch_size", type=int, default=None)
     index.add_argument("--num_workers", type=int, default=None, help="decoding processes (default: the config's)")
+    index.add_argument("--window", type=float, default=None, metavar="SECONDS",
+                       help="index files longer than this as windows of this many seconds, each its own search hit "
+                            "with its time range (default: the index's; none for a new one: one embedding per file)")
+    index.add_argument("--stride", type=float, default=None, metavar="SECONDS",
+                       help="seconds between the starts of windows (default: half the window)")
     add_model_options(index, required=False)
     search = commands.add_parser("search", help="the videos of an index that best match a text")
     search.add_argument("query")
@@ -82,12 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question")
     ask.add_argument("--answers", default=None, help="candidate answers: a JSON list or one per line")
     ask.add_argument("--index", default=None, help=STORED_TOKENS_HELP)
+    add_span_options(ask)
     add_model_options(ask)
     caption = commands.add_parser("caption", help="caption a video (pre-training checkpoint)")
     caption.add_argument("video")
     caption.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
     caption.add_argument("--seed", type=int, default=None, help="makes --sample repeatable")
     caption.add_argument("--index", default=None, help=STORED_TOKENS_HELP)
+    add_span_options(caption)
     add_model_options(caption)
     show = commands.add_parser("show", help="picture the token aggregation of a video")
     show.add_argument("video")
@@ -101,12 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--budget", type=float, default=None, metavar="FRACTION",
                       help="the encoder's GMACs as a fraction of the unmerged encoder's, in (0, 1] (config key "
                            "merge_budget; default: the config's)")
+    add_span_options(show)
     add_model_options(show)
     return parser
 
 
 def check_numbers(args) -> None:
-    """Every numeric flag within its range (NUMBER_RANGES), before a model is loaded."""
+    """Every numeric flag within its range (NUMBER_RANGES), and --end after --start, before a model is loaded."""
     for name, (least, most) in NUMBER_RANGES.items():
         number = getattr(args, name, None)
         if number is None or (number >= least and (most is None or number <= most)):
@@ -114,6 +142,9 @@ def check_numbers(args) -> None:
         flag = f"-{name}" if len(name) == 1 else f"--{name}"
         allowed = f"at least {least}" if most is None else f"from {least} to {most}"
         raise UserError(f"{flag} must be {allowed}, got {number}")
+    start, end = getattr(args, "start", None), getattr(args, "end", None)
+    if start is not None and end is not None and end <= start:  # the video's duration is checked as it is read
+        raise UserError(f"--end {end:g} must be after --start {start:g}")
 
 
 def load_model(args, manifest: dict | None = None):
@@ -136,14 +167,14 @@ def load_model(args, manifest: dict | None = None):
                                    task=COMMAND_TASKS[args.command], purpose=args.command)
 
 
-def stored_tokens(model, args):
-    """The video's tokens from `--index` where they stand for this model's (inference/stored.py),
-    else None: the file is decoded. Says which on stderr."""
+def stored_tokens(model, args, span: tuple | None = None):
+    """The video's tokens (of seconds `span` of it) from `--index` where they stand for this model's
+    (inference/stored.py), else None: the file is decoded. Says which on stderr."""
     if not args.index:
         return None
     from inference.index import VideoIndex
     from inference.stored import stored_tokens as lookup
-    found = lookup(model, VideoIndex.open(args.index), args.video)
+    found = lookup(model, VideoIndex.open(args.index), args.video, span)
     print(found.note, file=sys.stderr, flush=True)
     return found.tokens
 
@@ -154,11 +185,16 @@ def warn(message: str) -> None:
 
 def run_index(args, out) -> None:
     from inference.index import VIDEO_SUFFIXES, read_manifest, update_index
+    from inference.index_processes import join_processes, launched_on_processes, update_index_on_processes
     check_exists(args.folder, "folder")
+    update = update_index
     try:
+        if launched_on_processes():  # under torchrun: the processes share the encoding, rank 0 commits
+            args.device = str(join_processes(args.device))
+            update = update_index_on_processes
         model = load_model(args, read_manifest(args.index))
-        summary = update_index(model, args.folder, args.index, args.batch_size, args.num_workers, args.tokens,
-                               args.embedding_dtype)
+        summary = update(model, args.folder, args.index, args.batch_size, args.num_workers, args.tokens,
+                         args.embedding_dtype, window=args.window, stride=args.stride)
     except Interrupted:  # update_index says what the index folder holds
         raise
     except KeyboardInterrupt:  # before update_index began its work: loading, importing
@@ -166,7 +202,8 @@ def run_index(args, out) -> None:
             from None
     videos = summary.kept + summary.added
     print(f"index {args.index}: {videos} videos ({summary.added} encoded, {summary.kept} "
-          f"unchanged, {summary.dropped} dropped), {summary.unreadable} unreadable", file=out)
+          f"unchanged, {summary.dropped} dropped), {summary.unreadable} unreadable"
+          + ("" if summary.windows is None else f"; {summary.windows} windows"), file=out)
     for path, reason in summary.failed.items():
         print(f"unreadable: {path}: {reason}", file=out)
     if videos + summary.unreadable == 0:  # every file found is kept, encoded or unreadable: none was found
@@ -189,13 +226,21 @@ def run_search(args, out) -> None:
         print(json.dumps({"query": args.query, "hits": [{"rank": n, **hit} for n, hit in enumerate(hits, 1)]},
                          indent=1), file=out)
     else:
-        print(f"{'rank':>4}  {'score':>8}  {'itc':>7}  path", file=out)
-        for rank, hit in enumerate(hits, 1):
-            score = "-" if hit["score"] is None else f"{hit['score']:.4f}"
-            print(f"{rank:>4}  {score:>8}  {hit['itc_score']:>7.4f}  {shown_path(hit['path'])}", file=out)
+        print_hits(hits, index.windowed, out)
     out.flush()
     if args.report:
         print(f"report: {write_search_report(model, args.report, args.query, hits)}", file=sys.stderr)
+
+
+def print_hits(hits: list[dict], windowed: bool, out) -> None:
+    """The hits as a table; an index with windows adds each moment's start and end seconds (a file
+    no longer than a window: 0 to its duration)."""
+    span_header = f"{'start':>8}  {'end':>8}  " if windowed else ""
+    print(f"{'rank':>4}  {'score':>8}  {'itc':>7}  {span_header}path", file=out)
+    for rank, hit in enumerate(hits, 1):
+        score = "-" if hit["score"] is None else f"{hit['score']:.4f}"
+        span = f"{hit['start']:>8.2f}  {hit['end']:>8.2f}  " if windowed else ""
+        print(f"{rank:>4}  {score:>8}  {hit['itc_score']:>7.4f}  {span}{shown_path(hit['path'])}", file=out)
 
 
 def shown_path(path: str) -> str:
@@ -210,11 +255,11 @@ def write_search_report(model, out_dir, query: str, hits: list[dict]) -> Path:
 
     clip_of = functools.lru_cache(maxsize=None)(model.load_clip)  # the strip and the picture: one decode
 
-    def picture_of(path, out_png):
-        clip = clip_of(path)
+    def picture_of(path, out_png, span=None):
+        clip = clip_of(path, span)
         return render_aggregation(model.model.visual_encoder, clip.tensor.to(model.device), clip.frames, out_png)[0]
 
-    return write_report(Path(out_dir), query, hits, lambda path: clip_of(path).frames, picture_of)
+    return write_report(Path(out_dir), query, hits, lambda path, span=None: clip_of(path, span).frames, picture_of)
 
 
 def read_answers(path) -> list[str]:
@@ -231,15 +276,17 @@ def read_answers(path) -> list[str]:
 def run_ask(args, out) -> None:
     check_exists(args.video, "video")
     answers = read_answers(args.answers) if args.answers else None
+    span = span_of(args)
     model = load_model(args)
-    print(model.ask(args.video, args.question, answers, tokens=stored_tokens(model, args)), file=out)
+    print(model.ask(args.video, args.question, answers, tokens=stored_tokens(model, args, span), span=span), file=out)
 
 
 def run_caption(args, out) -> None:
     check_exists(args.video, "video")
+    span = span_of(args)
     model = load_model(args)
     print(model.caption(args.video, "nucleus" if args.sample else "beam", seed=args.seed,
-                        tokens=stored_tokens(model, args)), file=out)
+                        tokens=stored_tokens(model, args, span), span=span), file=out)
 
 
 def run_show(args, out) -> None:
@@ -252,8 +299,9 @@ def run_show(args, out) -> None:
     # --rule and --budget stand for config overrides, after --options so that they win.
     args.options = [*args.options, *(f"{key}={setting}" for key, setting in
                                      (("merge_rule", args.rule), ("merge_budget", args.budget)) if setting is not None)]
+    span = span_of(args)
     model = load_model(args)
-    clip = model.load_clip(args.video)
+    clip = model.load_clip(args.video, span)
     encoder = model.model.visual_encoder
     if not encoder.budgeted:  # with a budget, building the encoder said its plan
         _, _, frames, height, width = clip.tensor.shape

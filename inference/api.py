@@ -97,6 +97,13 @@ class EncodedBatch:
     embeddings: torch.Tensor  # (B, embed_dim) float32, L2-normalised, on the CPU
     tokens: torch.Tensor | None  # (B, N, D) float32 on the CPU: the video tokens ITM attends to
     failed: dict[int, str]  # position -> one-line reason
+    spans: list[tuple[float, float]] | None = None  # windows of long files (inference/windows.py): row -> seconds
+
+    def span_fields(self) -> list[dict]:
+        """Each row's {"start", "end"} seconds for an index's manifest ({} for a whole file)."""
+        if self.spans is None:
+            return [{} for _ in self.indices]
+        return [{"start": round(start, 6), "end": round(end, 6)} for start, end in self.spans]
 
 
 @dataclass
@@ -118,9 +125,12 @@ class Hit:
     path: str
     score: float | None  # ITM logit + ITC similarity when re-ranked (ITC alone with rerank=0), else None
     itc_score: float
+    start: float | None = None  # the moment's seconds in an index with windows; None: the whole file
+    end: float | None = None
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "score": self.score, "itc_score": self.itc_score}
+        return {"path": self.path, "score": self.score, "itc_score": self.itc_score, "start": self.start,
+                "end": self.end}
 
 
 def itc_shortlist(text_embedding: torch.Tensor, video_embeddings: np.ndarray, count: int, approximate=None):
@@ -231,10 +241,15 @@ class VideoLanguageModel:
                              torch.cat(tokens) if return_tokens and tokens else None,
                              {paths[i]: reason for batch in batches for i, reason in batch.failed.items()})
 
-    def load_clip(self, path) -> Clip:
-        """One video as the model sees it; a missing file raises FileNotFoundError, an unreadable one
-        VideoReadError."""
+    def load_clip(self, path, span: tuple | None = None) -> Clip:
+        """One video as the model sees it, or seconds `span` (start, end) of it as a clip of its own
+        (inference/windows.py); a missing file raises FileNotFoundError, an unreadable one
+        VideoReadError, a span outside the file UserError."""
         check_exists(path)
+        if span is not None:
+            from inference.windows import read_span
+            clip = read_span(path, self.preprocess.clips, *span)  # decoded at image_size: its frames as they are
+            return Clip(clip.permute(1, 2, 3, 0).numpy(), clip.unsqueeze(0))
         frames, clip = self.preprocess.with_frames(path)
         return Clip(frames.permute(0, 2, 3, 1).numpy(), clip.unsqueeze(0))
 
@@ -267,16 +282,18 @@ class VideoLanguageModel:
         hits = []
         if reranked:
             final = self._rerank(query, itc[:, :len(reranked)], index, reranked)
-            hits = sorted((Hit(index.paths[i], float(score), float(sim))
+            hits = sorted((Hit(index.paths[i], float(score), float(sim), *index.span_of(i))
                            for i, score, sim in zip(reranked, final, itc[0])),
                           key=lambda hit: -hit.score)  # stable: ITC order among equal scores
-        hits += [Hit(index.paths[i], None if rerank else float(sim), float(sim))
+        hits += [Hit(index.paths[i], None if rerank else float(sim), float(sim), *index.span_of(i))
                  for i, sim in zip(shortlist[len(reranked):], itc[0, len(reranked):])]
         return hits[:k]
 
     def _rerank(self, query: str, candidate_sims: torch.Tensor, index, rows: list[int]) -> torch.Tensor:
         """rerank_scores over the candidates alone: (R,) ITM logit + ITC similarity."""
         tokens = index.tokens_of(rows)
+        if tokens is None and index.windowed:
+            tokens = self._moment_tokens(index, rows)
         if tokens is None:
             encoding = self.encode_videos([index.paths[i] for i in rows], return_tokens=True, num_workers=0)
             if encoding.failed:
@@ -290,15 +307,26 @@ class VideoLanguageModel:
                                    batch_size=value(self.config, "k_test_batch_size"))
         return scores[0].float().cpu()
 
+    def _moment_tokens(self, index, rows: list[int]) -> torch.Tensor:
+        """The video tokens of index rows that are windows, each span decoded from its file again."""
+        clips = []
+        for row in rows:
+            try:
+                clips.append(self.load_clip(index.paths[row], index.span_of(row)).tensor)
+            except (FileNotFoundError, VideoReadError) as error:
+                raise UserError(f"cannot re-rank: {error} (re-index to drop changed files)") from None
+        with self.autocast():
+            return self.model.encode_video(torch.cat(clips).to(self.device))[0].float()
+
     # -- question answering and captions ---------------------------------------------------
     @torch.no_grad()
     def ask(self, video_path, question: str, answers: list[str] | None = None,
-            tokens: torch.Tensor | None = None) -> str:
+            tokens: torch.Tensor | None = None, span: tuple | None = None) -> str:
         """The best of `answers` (the evaluation's ranking), or a generated answer without a list.
         `tokens`: the video's encoder tokens (1, N, D) read from an index (inference.stored), used
-        instead of decoding and encoding `video_path`."""
+        instead of decoding and encoding `video_path`; `span`: (start, end) seconds of the video only."""
         self._require(("QA",), "ask")
-        clip = self._video_input(video_path, tokens)
+        clip = self._video_input(video_path, tokens, span)
         questions = [pre_question(question)]
         with self.autocast():
             if not answers:
@@ -309,21 +337,21 @@ class VideoLanguageModel:
 
     @torch.no_grad()
     def caption(self, video_path, method: str = "beam", seed: int | None = None,
-                tokens: torch.Tensor | None = None, **settings) -> str:
+                tokens: torch.Tensor | None = None, span: tuple | None = None, **settings) -> str:
         """A caption by beam search or nucleus sampling (settings: VideoPretrainModel.generate_caption_ids);
-        `seed` makes sampling repeatable without touching the global random state; `tokens` as for ask."""
+        `seed` makes sampling repeatable without touching the global random state; `tokens`, `span` as for ask."""
         self._require(("pre-training",), "caption")
         if method not in ("beam", "nucleus"):
             raise UserError(f"unknown caption method {method!r}; expected beam or nucleus")
-        clip = self._video_input(video_path, tokens)
+        clip = self._video_input(video_path, tokens, span)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self.autocast():
             if seed is not None:
                 torch.manual_seed(seed)
             return self.model.generate_captions(clip, sample=method == "nucleus", **settings)[0]
 
-    def _video_input(self, video_path, tokens: torch.Tensor | None) -> torch.Tensor:
+    def _video_input(self, video_path, tokens: torch.Tensor | None, span: tuple | None = None) -> torch.Tensor:
         """What the model's video input is: stored tokens (1, N, D) as float32, or the decoded clip."""
         if tokens is not None:
             return tokens.to(self.device, torch.float32)
-        return self.load_clip(video_path).tensor.to(self.device)
+        return self.load_clip(video_path, span).tensor.to(self.device)

@@ -17,7 +17,9 @@ An index folder holds:
 * `manifest.json`: the video folder, every file (relative path, size, mtime_ns), the
   unreadable ones with their reason, the config, the checkpoint (path, size, mtime_ns,
   sha256), and the config values that change an embedding (frames, sampling, image size,
-  the video encoder's keys).
+  the video encoder's keys). An index made with `--window` (inference/windows.py) records its
+  `windows` (window and stride seconds) and has a row per window of a long file: that file's
+  entries add the window's `start` and `end` seconds, and a changed file's are all replaced.
 * `.lock` while a run updates it: one run per index folder (runtime/run_lock.py, as for
   the output folders of training), a second one stops with one line naming the first.
 
@@ -32,9 +34,11 @@ error line, not a SIGBUS, and for the tokens it shows before the first video is 
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
+import shutil
 import uuid
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -52,6 +56,8 @@ from runtime.run_lock import acquire_run_lock, release_run_lock
 from utils import file_sha256
 
 MANIFEST = "manifest.json"
+# Where the processes of a multi-process run leave the videos they encoded (inference/index_processes.py).
+PARTS_FOLDER = ".index-parts"
 FORMAT_VERSION = 1
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 # The config values an embedding depends on besides the checkpoint's weights.
@@ -196,6 +202,7 @@ class VideoIndex:
         self.root = Path(manifest["root"])
         self.files = manifest["files"]
         self.paths = [str(self.root / entry["path"]) for entry in self.files]
+        self.windowed = manifest.get("windows") is not None  # rows are moments of files (inference/windows.py)
         # A memory map: search reads it in chunks (inference/search.py), an update copies the kept rows.
         self.embeddings = _load_rows(folder, manifest["embeddings"], mmap=True)
         self.embedding_dtype = manifest.get("embedding_dtype", "float32")
@@ -224,6 +231,11 @@ class VideoIndex:
         if problem:
             raise UserError(problem)
 
+    def span_of(self, row: int) -> tuple[float | None, float | None]:
+        """(start, end) seconds of a row that is a window of its file; (None, None) for a whole file."""
+        entry = self.files[row]
+        return entry.get("start"), entry.get("end")
+
     def tokens_of(self, rows: list[int]) -> torch.Tensor | None:
         """The stored fp16 tokens of `rows` (only they are read from disk), or None without tokens."""
         return None if self.tokens is None else torch.from_numpy(np.ascontiguousarray(self.tokens[rows]))
@@ -236,6 +248,7 @@ class UpdateSummary:
     dropped: int
     failed: dict  # relative path -> reason, this run's new failures
     unreadable: int  # every unreadable file listed in the manifest
+    windows: int | None = None  # rows of an index with windows (inference/windows.py), None without
 
 
 @contextmanager
@@ -362,6 +375,7 @@ class IndexWriter:
         for path in self.folder.iterdir():
             if path.name not in current and path.name.lstrip(".").startswith(("embeddings-", "tokens-", MANIFEST)):
                 path.unlink(missing_ok=True)
+        shutil.rmtree(self.folder / PARTS_FOLDER, ignore_errors=True)  # a multi-process run's parts: in the commit
 
 
 def _check_fits(previous: VideoIndex | None, video_folder: Path, current: dict, with_tokens: bool,
@@ -387,16 +401,19 @@ def _check_fits(previous: VideoIndex | None, video_folder: Path, current: dict, 
 
 
 def update_index(model, video_folder, index_folder, batch_size: int | None = None, num_workers: int | None = None,
-                 with_tokens: bool = False, embedding_dtype: str | None = None) -> UpdateSummary:
+                 with_tokens: bool = False, embedding_dtype: str | None = None, encode=None,
+                 window: float | None = None, stride: float | None = None) -> UpdateSummary:
     """Make or update the index of `video_folder` in `index_folder` (see the module docstring);
-    `embedding_dtype` (EMBEDDING_DTYPES): None keeps an existing index's, float32 for a new one."""
+    `embedding_dtype` (EMBEDDING_DTYPES): None keeps an existing index's, float32 for a new one;
+    `encode`: what encodes the new files (_encode_new's arguments and result), None for _encode_new;
+    `window`, `stride`: seconds of the windows long files are indexed as (inference.windows.choose_windowing)."""
     video_folder, index_folder = Path(video_folder).resolve(), Path(index_folder)
     index_folder.mkdir(parents=True, exist_ok=True)
     lock = acquire_run_lock(index_folder, what="index folder", flag="--index")
     before = _manifest_version(index_folder)
     try:
         return _update_locked(model, video_folder, index_folder, batch_size, num_workers, with_tokens,
-                              embedding_dtype)
+                              embedding_dtype, encode, (window, stride))
     except KeyboardInterrupt:  # Ctrl-C: one line saying what the folder holds now
         raise _interrupted(index_folder, before) from None
     finally:
@@ -431,20 +448,27 @@ def _embedding_dtype(previous: VideoIndex | None, requested: str | None) -> str:
 
 
 def _update_locked(model, video_folder: Path, index_folder: Path, batch_size, num_workers,
-                   with_tokens: bool, embedding_dtype: str | None = None) -> UpdateSummary:
+                   with_tokens: bool, embedding_dtype: str | None = None, encode=None,
+                   window_and_stride: tuple = (None, None)) -> UpdateSummary:
+    from inference.windows import choose_windowing
     stored = read_manifest(index_folder)
+    windowing = choose_windowing(stored, *window_and_stride, with_tokens)
+    if windowing and encode is not None:  # another encoder (many processes) writes whole files only
+        raise UserError("an index with windows (--window) is made on one process; run it without torchrun")
     previous = VideoIndex(index_folder, stored) if stored else None
     current = fingerprint(model, stored["checkpoint"] if stored else None)
     _check_fits(previous, video_folder, current, with_tokens, model.precision.label)
     found = scan_videos(video_folder)
-    old_rows = {entry["path"]: row for row, entry in enumerate(previous.files)} if previous else {}
+    old_rows = {}  # path -> its rows: a file indexed as windows has several
+    for row, entry in enumerate(previous.files if previous else []):
+        old_rows.setdefault(entry["path"], []).append(row)
     old_unreadable = {entry["path"]: entry for entry in previous.manifest["unreadable"]} if previous else {}
 
     def unchanged(entry):
         stat = found.get(entry["path"])
         return stat is not None and stat == {"size": entry["size"], "mtime_ns": entry["mtime_ns"]}
 
-    kept = [row for path, row in old_rows.items() if unchanged(previous.files[row])]
+    kept = [row for rows in old_rows.values() for row in rows if unchanged(previous.files[row])]
     unreadable = [entry for entry in old_unreadable.values() if unchanged(entry)]
     done = {previous.files[row]["path"] for row in kept} | {entry["path"] for entry in unreadable}
     to_encode = [path for path in found if path not in done]
@@ -456,8 +480,8 @@ def _update_locked(model, video_folder: Path, index_folder: Path, batch_size, nu
                 rows = kept[start:start + COPY_ROWS]
                 writer.add([previous.files[row] for row in rows], previous.embeddings[rows],
                            previous.tokens[rows] if with_tokens else None)
-            failed = _encode_new(model, writer, video_folder, to_encode, found, batch_size, num_workers,
-                                 with_tokens)
+            failed = (encode or functools.partial(_encode_new, windowing=windowing))(
+                model, writer, video_folder, to_encode, found, batch_size, num_workers, with_tokens)
             unreadable += [{"path": path, **found[path], "reason": reason} for path, reason in failed.items()]
             manifest = {"format": FORMAT_VERSION, "root": str(video_folder), **current, "config": model.config,
                         "with_tokens": with_tokens, "embedding_dtype": embedding_dtype,
@@ -466,6 +490,7 @@ def _update_locked(model, video_folder: Path, index_folder: Path, batch_size, nu
                         "video_encoder_sha256": model.encoder_sha256,
                         "num_frames": value(model.config, "num_frm_test"),
                         "sampling": value(model.config, "frm_sampling_strategy_test"),
+                        "windows": windowing.as_dict() if windowing else None,
                         "unreadable": sorted(unreadable, key=lambda entry: entry["path"])}
             if not kept and not writer.files:  # nothing readable: an empty but valid index
                 writer.add([], np.zeros((0, value(model.config, "embed_dim")), np.float32))
@@ -477,22 +502,28 @@ def _update_locked(model, video_folder: Path, index_folder: Path, batch_size, nu
         kept_state = "the previous index is unchanged" if previous else "no index was written"
         raise UserError(f"index {index_folder} not updated ({kept_state}): {message}") from error
     dropped = sum(path not in found for path in [*old_rows, *old_unreadable])
-    return UpdateSummary(len(kept), len(writer.files) - len(kept), dropped, failed, len(unreadable))
+    kept_files = len({previous.files[row]["path"] for row in kept})
+    return UpdateSummary(kept_files, len({entry["path"] for entry in writer.files}) - kept_files, dropped, failed,
+                         len(unreadable), len(writer.files) if windowing else None)
 
 
 def _encode_new(model, writer: IndexWriter, video_folder: Path, to_encode: list[str], found: dict,
-                batch_size, num_workers, with_tokens: bool) -> dict[str, str]:
-    """Encode `to_encode` into `writer`, printing progress; {relative path: reason} of the failures."""
+                batch_size, num_workers, with_tokens: bool, windowing=None) -> dict[str, str]:
+    """Encode `to_encode` into `writer`, printing progress; {relative path: reason} of the failures.
+    `windowing` (inference.windows.Windowing): long files as windows, a row each."""
+    from inference.windows import iter_encoded_windows
     progress, failed, done = ProgressLine("index:", len(to_encode), "videos", PROGRESS_EVERY_S), {}, 0
     paths = [video_folder / path for path in to_encode]
     interrupt_after = interrupt_batch()  # a testing aid (runtime/fault_injection.py); 0: never
-    for number, batch in enumerate(model.iter_encoded(paths, batch_size, return_tokens=with_tokens,
-                                                      num_workers=num_workers), start=1):
-        files = [{"path": to_encode[i], **found[to_encode[i]]} for i in batch.indices]
+    batches = (iter_encoded_windows(model, paths, windowing, batch_size, with_tokens, num_workers) if windowing
+               else model.iter_encoded(paths, batch_size, return_tokens=with_tokens, num_workers=num_workers))
+    for number, batch in enumerate(batches, start=1):
+        files = [{"path": to_encode[i], **found[to_encode[i]], **span}
+                 for i, span in zip(batch.indices, batch.span_fields())]
         if files:
             writer.add(files, batch.embeddings.numpy(), batch.tokens.half().numpy() if with_tokens else None)
         failed.update({to_encode[i]: reason for i, reason in batch.failed.items()})
-        done += len(batch.indices) + len(batch.failed)
+        done += len(set(batch.indices)) + len(batch.failed)  # files: a file's windows come in one batch
         progress.update(done)
         if number == interrupt_after:
             interrupt_with_workers()

@@ -2,7 +2,9 @@
 in any browser, with relative links only, no script and nothing fetched from the network.
 
 For every hit, already ranked: its rank, path, scores, a strip of a few of its frames and the
-picture of the tokens the video encoder kept (inference/aggregation.py).
+picture of the tokens the video encoder kept (inference/aggregation.py). A hit that is a moment
+of a file (an index with windows, inference/windows.py) shows its start and end, and the frames
+and tokens of that moment.
 """
 import html
 import os
@@ -53,14 +55,17 @@ def _hit_row(folder: pathlib.Path, rank: int, hit: dict, frames_of: Callable,
              picture_of: Callable | None) -> str:
     """Write one hit's images into ``folder``/images and return its table row."""
     path = str(hit["path"])
+    span = (hit["start"], hit["end"]) if hit.get("start") is not None else None
+    moment = {} if span is None else {"span": span}  # callables of whole files need not take a span
     strip = f"images/{rank:03d}_frames.jpg"
-    frame_strip(frames_of(hit["path"])).save(folder / strip, quality=85)
-    cells = [f"<td>{rank}</td>", f'<td class="path">{html.escape(path)}</td>',
+    frame_strip(frames_of(hit["path"], **moment)).save(folder / strip, quality=85)
+    shown = path if span is None else f"{path} ({span[0]:.2f} s to {span[1]:.2f} s)"
+    cells = [f"<td>{rank}</td>", f'<td class="path">{html.escape(shown)}</td>',
              f'<td>{_score(hit.get("score"))}</td>', f'<td>{_score(hit.get("itc_score"))}</td>',
              f'<td>{_image_tag(folder, strip, f"frames of {path}", "frames")}</td>']
     if picture_of is not None:
         picture = f"images/{rank:03d}_tokens.png"
-        written = pathlib.Path(picture_of(hit["path"], folder / picture))
+        written = pathlib.Path(picture_of(hit["path"], folder / picture, **moment))
         if written.resolve() != (folder / picture).resolve():
             shutil.copyfile(written, folder / picture)
         cells.append(f'<td>{_image_tag(folder, picture, f"tokens the encoder kept for {path}", "tokens")}</td>')
@@ -125,10 +130,12 @@ def _move_into_place(staging: pathlib.Path, out_dir: pathlib.Path) -> None:
 
 def write_report(out_dir, query: str, hits: list[dict], frames_of: Callable,
                  picture_of: Callable | None = None) -> pathlib.Path:
-    """Write the report folder ``out_dir`` for ``hits`` ({"path", "score", "itc_score"}, ranked).
+    """Write the report folder ``out_dir`` for ``hits`` ({"path", "score", "itc_score"} and, for a
+    moment, "start" and "end" seconds; ranked).
 
     frames_of(path) -> uint8 (T, H, W, 3) frames of a hit; picture_of(path, png_path) writes
-    the hit's aggregation picture and returns its path (None: no pictures). The folder is
+    the hit's aggregation picture and returns its path (None: no pictures); for a moment both
+    are also given span=(start, end). The folder is
     built under a temporary name next to ``out_dir`` and renamed into place, so a crash
     never leaves a half-written report. Returns the path of index.html. An ``out_dir`` that
     exists and is neither empty nor a report of this module raises ReportFolderError

@@ -51,9 +51,19 @@ class StoredTokens:
     note: str  # one line: where the video's tokens come from, or why the file is decoded
 
 
-def _row_of(index, video_path) -> int | None:
-    """The index row of `video_path`, by its path below the index's video folder; None if not there."""
-    rows = {entry["path"]: row for row, entry in enumerate(index.files)}
+def _same_span(entry: dict, span: tuple | None) -> bool:
+    """Whether a row stands for seconds `span` of its file (None: the whole file): a row that is a
+    window (inference/windows.py) only for its own start and end, to the millisecond."""
+    if "start" not in entry:
+        return span is None
+    return span is not None and None not in span and all(
+        abs(asked - stored) < 1e-3 for asked, stored in zip(span, (entry["start"], entry["end"])))
+
+
+def _row_of(index, video_path, span: tuple | None = None) -> int | None:
+    """The index row of `video_path` (of its seconds `span`), by its path below the index's video
+    folder; None if not there."""
+    rows = {entry["path"]: row for row, entry in enumerate(index.files) if _same_span(entry, span)}
     for candidate in (Path(os.path.abspath(video_path)), Path(video_path).resolve()):
         try:
             relative = candidate.relative_to(index.root).as_posix()
@@ -64,16 +74,17 @@ def _row_of(index, video_path) -> int | None:
     return None
 
 
-def stored_tokens(model, index, video_path) -> StoredTokens:
+def stored_tokens(model, index, video_path, span: tuple | None = None) -> StoredTokens:
     """The tokens `index` stored for `video_path` if they stand for what `model`'s video encoder
     would give (module docstring), else None with the reason."""
     decode = "; decoding the file"
     where = f"index {index.folder}"
     if index.tokens is None:
         return StoredTokens(None, f"{where} holds no video tokens (index with --tokens to store them){decode}")
-    row = _row_of(index, video_path)
+    row = _row_of(index, video_path, span)
     if row is None:
-        return StoredTokens(None, f"{where} does not hold {video_path}{decode}")
+        moment = "" if span is None else f" from {span[0]} s to {span[1]} s"
+        return StoredTokens(None, f"{where} does not hold {video_path}{moment}{decode}")
     entry, stat = index.files[row], os.stat(video_path)
     if (stat.st_size, stat.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
         return StoredTokens(None, f"{video_path} changed since {where} encoded it (run index again){decode}")

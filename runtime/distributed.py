@@ -154,6 +154,16 @@ def gather_objects(obj) -> list:
     return gathered
 
 
+def broadcast_from_main(obj=None):
+    """Rank 0's picklable `obj` on every rank (the other ranks' `obj` is ignored); `obj` itself when
+    not distributed."""
+    if get_world_size() == 1:
+        return obj
+    message = [obj]
+    dist.broadcast_object_list(message, src=0)
+    return message[0]
+
+
 def wrap_distributed(model: torch.nn.Module, device: torch.device,
                      find_unused_parameters: bool = False) -> torch.nn.Module:
     """DistributedDataParallel around `model` when distributed, else the model itself."""

@@ -11,6 +11,8 @@ TESTA_INTERRUPT_AFTER_STEP=N  the process sends itself SIGINT after step N, as C
                          (tests/bad_inputs/interrupts.py): at a known step, however busy the machine.
 TESTA_INTERRUPT_AFTER_BATCH=N  `video_tool.py index` sends itself and its decoding workers SIGINT
                          after encoding batch N, as Ctrl-C in a terminal would (tests/bad_inputs/interrupts.py).
+TESTA_STOP_INDEX_AFTER_PART=R:N  rank R of a multi-process `video_tool.py index` stops after writing
+                         its Nth part, as a killed process would (tests/test_index_multiprocess.py).
 
 Unset, they cost one integer comparison per optimiser step (or batch).
 """
@@ -63,6 +65,24 @@ def interrupt_with_workers() -> None:
     for child in multiprocessing.active_children():
         os.kill(child.pid, signal.SIGINT)
     interrupt_self()
+
+
+def index_stop_part() -> int:
+    """The number of parts after which this rank of a multi-process index run stops; 0: never."""
+    setting = os.environ.get("TESTA_STOP_INDEX_AFTER_PART")
+    if not setting:
+        return 0
+    rank, _, parts = setting.partition(":")
+    if not (rank.isdigit() and parts.isdigit()):
+        raise UserError(f"TESTA_STOP_INDEX_AFTER_PART={setting}: expected RANK:PARTS, e.g. 1:1")
+    return int(parts) if int(rank) == get_rank() else 0
+
+
+def stop_index_rank(parts: int) -> None:
+    """End this rank as a kill would: its finished parts stay, the others are never written."""
+    sys.stdout.write(f"failure injection (rank {get_rank()}): stopping after index part {parts}\n")
+    sys.stdout.flush()
+    os._exit(137)
 
 
 def exit_abruptly(step: int) -> None:

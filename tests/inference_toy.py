@@ -2,8 +2,10 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
+import video_tool
 from configs.load import load_config
 from data.toy import write_corpus
 from models import create_model
@@ -45,3 +47,26 @@ def make_toy_setup(folder: Path, num_clips: int = 8) -> ToySetup:
             other = create_model(load_config(configs[family], overrides), family)
             checkpoints["retrieval_other"] = save_checkpoint(other, folder / "retrieval_other.pth")
     return ToySetup(corpus, corpus / "videos", configs, overrides, checkpoints)
+
+
+# ----------------------------------------------------------------------------- running video_tool.py
+def model_args(toy: ToySetup, family: str = "retrieval") -> list[str]:
+    """video_tool.py's options for the toy model of `family`, in fp32."""
+    return ["--config", str(toy.configs[family]), "--checkpoint", str(toy.checkpoints[family]), "--precision",
+            "fp32", "--options", *toy.overrides]
+
+
+def run(argv, capsys) -> str:
+    """video_tool.py with `argv`; what it printed to stdout."""
+    video_tool.main([str(arg) for arg in argv])
+    return capsys.readouterr().out
+
+
+def fail(argv, capsys) -> str:
+    """video_tool.py with `argv`, which must stop with one `error:` line and status 1; that line."""
+    with pytest.raises(SystemExit) as stopped:
+        video_tool.main([str(arg) for arg in argv])
+    assert stopped.value.code == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1, error
+    return error

@@ -12,7 +12,7 @@ import video_tool
 from inference.index import VideoIndex, update_index
 from inference.search import approximate_index_path
 from runtime.errors import UserError
-from tests.inference_toy import make_toy_setup
+from tests.inference_toy import make_toy_setup, model_args, run
 
 QUERY = "a red circle moves left"
 
@@ -28,14 +28,6 @@ def retrieval(toy):
                                                  precision="fp32", overrides=toy.overrides)
 
 
-def model_args(toy):
-    return ["--config", str(toy.configs["retrieval"]), "--checkpoint", str(toy.checkpoints["retrieval"]),
-            "--precision", "fp32", "--options", *toy.overrides]
-
-
-def run(argv, capsys):
-    video_tool.main([str(arg) for arg in argv])
-    return capsys.readouterr().out
 
 
 def full_product_shortlist(text_embedding, video_embeddings, count, approximate=None):

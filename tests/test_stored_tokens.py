@@ -48,9 +48,9 @@ def counted_decodes(monkeypatch):
     decoded = []
     original = VideoLanguageModel.load_clip
 
-    def load_clip(self, path):
+    def load_clip(self, path, span=None):
         decoded.append(str(path))
-        return original(self, path)
+        return original(self, path, span)
 
     monkeypatch.setattr(inference.api.VideoLanguageModel, "load_clip", load_clip)
     return decoded

@@ -15,7 +15,7 @@ import video_tool
 from configs.load import load_config
 from inference.index import VIDEO_SUFFIXES, VideoIndex
 from tests.helpers import REPO_ROOT
-from tests.inference_toy import make_toy_setup
+from tests.inference_toy import fail, make_toy_setup, model_args, run
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +23,7 @@ def toy(tmp_path_factory):
     return make_toy_setup(tmp_path_factory.mktemp("video_tool"))
 
 
-def model_args(toy, family):
-    return ["--config", str(toy.configs[family]), "--checkpoint", str(toy.checkpoints[family]), "--precision",
-            "fp32", "--options", *toy.overrides]
 
-
-def run(argv, capsys):
-    video_tool.main([str(arg) for arg in argv])
-    return capsys.readouterr().out
-
-
-def fail(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as stopped:
-        video_tool.main([str(arg) for arg in argv])
-    assert stopped.value.code == 1
-    error = capsys.readouterr().err
-    assert error.startswith("error: ") and error.count("\n") == 1
-    return error
 
 
 @pytest.fixture
