@@ -454,7 +454,8 @@ def _update_locked(model, video_folder: Path, index_folder: Path, batch_size, nu
     stored = read_manifest(index_folder)
     windowing = choose_windowing(stored, *window_and_stride, with_tokens)
     if windowing and encode is not None:  # another encoder (many processes) writes whole files only
-        raise UserError("an index with windows (--window) is made on one process; run it without torchrun")
+        raise UserError(f"index {index_folder}: windows of long files are indexed on one process; run "
+                        "video_tool.py index without torchrun")
     previous = VideoIndex(index_folder, stored) if stored else None
     current = fingerprint(model, stored["checkpoint"] if stored else None)
     _check_fits(previous, video_folder, current, with_tokens, model.precision.label)

@@ -30,8 +30,7 @@ import torch
 
 from configs.keys import value
 from inference.api import DEFAULT_BATCH_SIZE
-from inference.index import (EMBEDDING_KEYS, PARTS_FOLDER, PROGRESS_EVERY_S, UpdateSummary, _sync, read_manifest,
-                             update_index)
+from inference.index import EMBEDDING_KEYS, PARTS_FOLDER, PROGRESS_EVERY_S, UpdateSummary, _sync, update_index
 from runtime.distributed import (broadcast_from_main, choose_device, gather_objects, get_rank, get_world_size,
                                  init_distributed, slurm_environment)
 from runtime.errors import Interrupted, UserError, user_message
@@ -229,15 +228,14 @@ def update_index_on_processes(model, video_folder, index_folder, batch_size: int
                               stride: float | None = None) -> UpdateSummary:
     """inference.index.update_index with the encoding shared by every process of the group
     (join_processes); every rank returns the same summary. Windows of long files (inference/windows.py)
-    are encoded on one process only: a run asking for them, or updating an index of them, is refused."""
+    are encoded on one process only: update_index refuses a run asking for them, or updating an index of them."""
     index_folder = Path(index_folder)
     if get_rank() != 0:
         return _follow(model, index_folder, num_workers)
     leader = _Leader(index_folder)
     try:
-        _refuse_windows(index_folder, window, stride)
         summary = update_index(model, video_folder, index_folder, batch_size, num_workers, with_tokens,
-                               embedding_dtype, encode=leader.encode)
+                               embedding_dtype, encode=leader.encode, window=window, stride=stride)
     except Interrupted as interrupt:
         leader.tell_followers(str(interrupt))
         raise leader.interrupted(interrupt) from None
@@ -246,12 +244,6 @@ def update_index_on_processes(model, video_folder, index_folder, batch_size: int
         raise
     leader.tell_followers(summary)
     return summary
-
-
-def _refuse_windows(index_folder: Path, window, stride) -> None:
-    if window is not None or stride is not None or (read_manifest(index_folder) or {}).get("windows"):
-        raise UserError(f"index {index_folder}: windows of long files are indexed on one process; run "
-                        "video_tool.py index without torchrun")
 
 
 def _follow(model, index_folder: Path, num_workers) -> UpdateSummary:
