@@ -23,7 +23,4 @@ def merge_record(encoder, config: dict) -> dict:
     the rule, the budget, the resolved per-block schedule and the counted GMACs (models/budget.py)."""
     patches = (value(config, "image_size") // value(config, "patch_size")) ** 2
     plan = encoder.merge_plan(value(config, "num_frm_test"), patches)
-    return {"rule": value(config, "merge_rule"), "budget": plan.budget, "schedule": plan.schedule,
-            "gmacs": round(plan.macs / 1e9, 4), "unmerged_gmacs": round(plan.unmerged_macs / 1e9, 4),
-            "cost_fraction": round(plan.cost_fraction, 4), "tokens_out": plan.tokens_out,
-            "token_fraction": round(plan.token_fraction, 4)}
+    return {"rule": value(config, "merge_rule"), "budget": plan.budget, **plan.fields(digits=4)}

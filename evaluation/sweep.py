@@ -305,10 +305,7 @@ def plan_cell(config: dict, frames: int, patches: int) -> dict:
             plan = build_video_encoder(config, verbose=False).merge_plan(frames, patches)
     except ValueError as error:  # a budget out of reach (a ConfigError when built), said in one line
         return {"status": "skipped", "reason": str(error)}
-    return {"status": "planned", "gmacs": plan.macs / 1e9, "unmerged_gmacs": plan.unmerged_macs / 1e9,
-            "cost_fraction": plan.cost_fraction, "token_fraction": plan.token_fraction,
-            "tokens_out": plan.tokens_out, "schedule": [list(step) for step in plan.schedule],
-            "plan": plan.describe()}
+    return {"status": "planned", **plan.fields(), "plan": plan.describe()}
 
 
 @torch.no_grad()

@@ -181,6 +181,14 @@ class MergePlan:
     def token_fraction(self) -> float:
         return self.tokens_out / self.tokens_in
 
+    def fields(self, digits: Optional[int] = None) -> dict:
+        """What a result records of the plan: the schedule, counted GMACs, cost and token fractions
+        (rounded to `digits`, when given)."""
+        number = (lambda x: x) if digits is None else (lambda x: round(x, digits))
+        return {"schedule": [list(block) for block in self.schedule], "gmacs": number(self.macs / 1e9),
+                "unmerged_gmacs": number(self.unmerged_macs / 1e9), "cost_fraction": number(self.cost_fraction),
+                "tokens_out": self.tokens_out, "token_fraction": number(self.token_fraction)}
+
     def describe(self) -> str:
         """One line for logs: cost, tokens kept and the schedule."""
         frames = ",".join(str(frame_r) for frame_r, _ in self.schedule)
