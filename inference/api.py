@@ -99,6 +99,22 @@ class EncodedBatch:
     failed: dict[int, str]  # position -> one-line reason
     spans: list[tuple[float, float]] | None = None  # windows of long files (inference/windows.py): row -> seconds
 
+    @property
+    def num_files(self) -> int:
+        """The files this batch is done with: those it has rows of (all of a file's windows are in one
+        batch) and the failed ones."""
+        return len(set(self.indices)) + len(self.failed)
+
+    def split_at(self, position: int) -> tuple[EncodedBatch, EncodedBatch]:
+        """(this batch's files before `position` in the list of paths, its files from there on)."""
+        def part(keep) -> EncodedBatch:
+            rows = [row for row, index in enumerate(self.indices) if keep(index)]
+            return EncodedBatch([self.indices[row] for row in rows], self.embeddings[rows],
+                                None if self.tokens is None else self.tokens[rows],
+                                {index: reason for index, reason in self.failed.items() if keep(index)},
+                                None if self.spans is None else [self.spans[row] for row in rows])
+        return part(lambda index: index < position), part(lambda index: index >= position)
+
     def span_fields(self) -> list[dict]:
         """Each row's {"start", "end"} seconds for an index's manifest ({} for a whole file)."""
         if self.spans is None:

@@ -10,8 +10,8 @@ An index folder holds:
   search time at millions of videos (benchmarks/RESULTS.md), ITC scores rounded by up to about
   1e-3. Search reads them as a memory map, in chunks (inference/search.py).
 * `tokens-<id>.npy` (with `--tokens`): fp16 (rows, N, D) video tokens for ITM re-ranking,
-  read as a memory map so only the re-ranked rows are loaded. Rows past the manifest's
-  files are unused (files that failed to decode in that run). For the 224 px 32-frame
+  read as a memory map so only the re-ranked rows are loaded, row i for `files[i]` (a
+  window's row with `--window`). For the 224 px 32-frame
   configs a video has 1,041 tokens of 768 values: 1.5 MiB per video in fp16. Without
   tokens, search re-encodes its re-ranked candidates from their files.
 * `manifest.json`: the video folder, every file (relative path, size, mtime_ns), the
@@ -28,13 +28,14 @@ the other rows. The data files of a run get names of their own (a new id) and th
 written to a temporary file of that run and renamed over the old one, is the commit: a run
 that fails (a full disk) or is interrupted leaves the previous index valid and removes what
 it wrote; a killed run's files are removed by the next run. Data files are written front to
-back with their full size allocated first, never through a memory map: a full disk is one
-error line, not a SIGBUS, and for the tokens it shows before the first video is encoded.
+back with a row per file allocated first, never through a memory map: a full disk is one
+error line, not a SIGBUS, and for the tokens it shows before the first video is encoded (with
+windows, a long file's further rows may still find the disk full later: one line too).
 """
 from __future__ import annotations
 
 import errno
-import functools
+import io
 import json
 import math
 import os
@@ -281,33 +282,59 @@ def _reserve(handle, size: int) -> None:
             raise
 
 
-class NpyFile:
-    """A new .npy array of a known shape, written front to back through an ordinary file:
-    writing into a memory map on a full disk kills the process with SIGBUS instead of raising.
-    A file that fails as it is created is removed."""
+HEADER_BYTES = 128  # an .npy header of any shape this index writes fits: it is rewritten when the rows are known
 
-    def __init__(self, path: Path, dtype, shape: tuple):
-        self.path, self.dtype = path, np.dtype(dtype)
+
+def _npy_header(dtype: np.dtype, shape: tuple) -> bytes:
+    """The .npy (format 1.0) header of an array, padded with spaces to HEADER_BYTES, so the data
+    starts at the same offset whatever the number of rows."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                  "fortran_order": False, "shape": shape})
+    header = buffer.getvalue()
+    missing = HEADER_BYTES - len(header)
+    if missing < 0:
+        raise ValueError(f"the .npy header of shape {shape} needs {len(header)} bytes, over {HEADER_BYTES}")
+    # magic and version (8 bytes), the little-endian length of the rest (2), the rest ending in a newline
+    length = int.from_bytes(header[8:10], "little") + missing
+    return header[:8] + length.to_bytes(2, "little") + header[10:-1] + b" " * missing + b"\n"
+
+
+class NpyFile:
+    """A new .npy array of rows of `row_shape`, appended front to back through an ordinary file:
+    writing into a memory map on a full disk kills the process with SIGBUS instead of raising.
+    Its header gets the number of rows written when it closes, so the rows need not be known
+    ahead (windows of long files); `expected_rows` of them are allocated at once. A file that
+    fails as it is created is removed."""
+
+    def __init__(self, path: Path, dtype, row_shape: tuple, expected_rows: int):
+        self.path, self.dtype, self.row_shape, self.rows = path, np.dtype(dtype), tuple(row_shape), 0
+        self.row_bytes = math.prod(self.row_shape) * self.dtype.itemsize
         self.handle = open(path, "xb")
         try:
             with _naming(path):
-                np.lib.format.write_array_header_1_0(self.handle, {
-                    "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape})
-                self.size = self.handle.tell() + math.prod(shape) * self.dtype.itemsize
+                self.handle.write(_npy_header(self.dtype, (expected_rows, *self.row_shape)))
                 self.handle.flush()
-                _reserve(self.handle, self.size)
+                _reserve(self.handle, HEADER_BYTES + expected_rows * self.row_bytes)
         except BaseException:
             self.discard()
             raise
 
     def append(self, rows) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.row_shape:
+            raise ValueError(f"{self.path.name}: rows of shape {rows.shape[1:]}, not {self.row_shape}")
         with _naming(self.path):
-            self.handle.write(np.ascontiguousarray(rows, dtype=self.dtype).data)
+            self.handle.write(rows.data)
+        self.rows += len(rows)
 
     def close(self) -> None:
-        """Rows never written read as zeros; the data is on disk before a manifest names the file."""
+        """The header with the rows written, the allocation past them freed; on disk before a
+        manifest names the file."""
         with _naming(self.path):
-            self.handle.truncate(self.size)
+            self.handle.truncate(HEADER_BYTES + self.rows * self.row_bytes)
+            self.handle.seek(0)
+            self.handle.write(_npy_header(self.dtype, (self.rows, *self.row_shape)))
             _sync(self.handle)
             self.handle.close()
 
@@ -322,8 +349,9 @@ class IndexWriter:
     """The data files of one new index generation under this run's own names, committed by
     replacing the manifest. A context: leaving it uncommitted removes every file it wrote."""
 
-    def __init__(self, folder: Path, capacity: int, embedding_dtype: str = "float32"):
-        self.folder, self.capacity, self.embedding_dtype = folder, capacity, np.dtype(embedding_dtype)
+    def __init__(self, folder: Path, expected_rows: int, embedding_dtype: str = "float32"):
+        """`expected_rows`: the tokens file's first allocation (a file of windows may need more)."""
+        self.folder, self.expected_rows, self.embedding_dtype = folder, expected_rows, np.dtype(embedding_dtype)
         self.id = uuid.uuid4().hex[:12]
         self.embeddings, self.files, self.tokens = [], [], None
         self.data_files: list[NpyFile] = []
@@ -339,21 +367,21 @@ class IndexWriter:
                 data_file.discard()
             self.manifest_temporary.unlink(missing_ok=True)
 
-    def _new_file(self, kind: str, dtype, shape: tuple) -> NpyFile:
-        self.data_files.append(NpyFile(self.folder / f"{kind}-{self.id}.npy", dtype, shape))
+    def _new_file(self, kind: str, dtype, row_shape: tuple, expected_rows: int) -> NpyFile:
+        self.data_files.append(NpyFile(self.folder / f"{kind}-{self.id}.npy", dtype, row_shape, expected_rows))
         return self.data_files[-1]
 
     def add(self, files: list[dict], embeddings: np.ndarray, tokens=None) -> None:
         if tokens is not None:
             if self.tokens is None:
-                self.tokens = self._new_file("tokens", np.float16, (self.capacity, *tokens.shape[1:]))
+                self.tokens = self._new_file("tokens", np.float16, tokens.shape[1:], self.expected_rows)
             self.tokens.append(tokens)
         self.files += files
         self.embeddings.append(np.asarray(embeddings, dtype=self.embedding_dtype))
 
     def commit(self, manifest: dict) -> None:
         embeddings = np.concatenate(self.embeddings)
-        embeddings_file = self._new_file("embeddings", self.embedding_dtype, embeddings.shape)
+        embeddings_file = self._new_file("embeddings", self.embedding_dtype, embeddings.shape[1:], len(embeddings))
         embeddings_file.append(embeddings)
         embeddings_file.close()
         manifest["embeddings"] = embeddings_file.path.name
@@ -452,10 +480,7 @@ def _update_locked(model, video_folder: Path, index_folder: Path, batch_size, nu
                    window_and_stride: tuple = (None, None)) -> UpdateSummary:
     from inference.windows import choose_windowing
     stored = read_manifest(index_folder)
-    windowing = choose_windowing(stored, *window_and_stride, with_tokens)
-    if windowing and encode is not None:  # another encoder (many processes) writes whole files only
-        raise UserError(f"index {index_folder}: windows of long files are indexed on one process; run "
-                        "video_tool.py index without torchrun")
+    windowing = choose_windowing(stored, *window_and_stride)
     previous = VideoIndex(index_folder, stored) if stored else None
     current = fingerprint(model, stored["checkpoint"] if stored else None)
     _check_fits(previous, video_folder, current, with_tokens, model.precision.label)
@@ -481,8 +506,8 @@ def _update_locked(model, video_folder: Path, index_folder: Path, batch_size, nu
                 rows = kept[start:start + COPY_ROWS]
                 writer.add([previous.files[row] for row in rows], previous.embeddings[rows],
                            previous.tokens[rows] if with_tokens else None)
-            failed = (encode or functools.partial(_encode_new, windowing=windowing))(
-                model, writer, video_folder, to_encode, found, batch_size, num_workers, with_tokens)
+            failed = (encode or _encode_new)(model, writer, video_folder, to_encode, found, batch_size, num_workers,
+                                             with_tokens, windowing)
             unreadable += [{"path": path, **found[path], "reason": reason} for path, reason in failed.items()]
             manifest = {"format": FORMAT_VERSION, "root": str(video_folder), **current, "config": model.config,
                         "with_tokens": with_tokens, "embedding_dtype": embedding_dtype,
@@ -512,20 +537,27 @@ def _encode_new(model, writer: IndexWriter, video_folder: Path, to_encode: list[
                 batch_size, num_workers, with_tokens: bool, windowing=None) -> dict[str, str]:
     """Encode `to_encode` into `writer`, printing progress; {relative path: reason} of the failures.
     `windowing` (inference.windows.Windowing): long files as windows, a row each."""
-    from inference.windows import iter_encoded_windows
     progress, failed, done = ProgressLine("index:", len(to_encode), "videos", PROGRESS_EVERY_S), {}, 0
     paths = [video_folder / path for path in to_encode]
     interrupt_after = interrupt_batch()  # a testing aid (runtime/fault_injection.py); 0: never
-    batches = (iter_encoded_windows(model, paths, windowing, batch_size, with_tokens, num_workers) if windowing
-               else model.iter_encoded(paths, batch_size, return_tokens=with_tokens, num_workers=num_workers))
-    for number, batch in enumerate(batches, start=1):
+    for number, batch in enumerate(encoded_batches(model, paths, batch_size, with_tokens, num_workers, windowing),
+                                   start=1):
         files = [{"path": to_encode[i], **found[to_encode[i]], **span}
                  for i, span in zip(batch.indices, batch.span_fields())]
         if files:
             writer.add(files, batch.embeddings.numpy(), batch.tokens.half().numpy() if with_tokens else None)
         failed.update({to_encode[i]: reason for i, reason in batch.failed.items()})
-        done += len(set(batch.indices)) + len(batch.failed)  # files: a file's windows come in one batch
+        done += batch.num_files
         progress.update(done)
         if number == interrupt_after:
             interrupt_with_workers()
     return failed
+
+
+def encoded_batches(model, paths: list, batch_size, with_tokens: bool, num_workers, windowing=None):
+    """inference.api.EncodedBatch after EncodedBatch of `paths`, their files in order: one row per
+    file, or with `windowing` one per window of it (a file's windows all in one batch)."""
+    if windowing is None:
+        return model.iter_encoded(paths, batch_size, return_tokens=with_tokens, num_workers=num_workers)
+    from inference.windows import iter_encoded_windows
+    return iter_encoded_windows(model, paths, windowing, batch_size, with_tokens, num_workers)

@@ -10,6 +10,10 @@ the index folder's PARTS_FOLDER, named by a hash of its files and of what their 
 on. Rank 0 then adds the parts in order to the new generation and commits one manifest, as a
 single process does, so readers never see a half index.
 
+Windows of long files (`--window`, inference/windows.py) are shared the same way: their
+batches never hold two files, so a part of whole files gives the rows a single process gives,
+and a part holds few files (a long file is much work).
+
 An interrupted or failed run leaves its finished parts behind: the same command again encodes
 only the others (a part is used only when its files, model and settings are the same), and the
 commit removes the folder. The index folder must be one every process sees (a shared file
@@ -30,7 +34,9 @@ import torch
 
 from configs.keys import value
 from inference.api import DEFAULT_BATCH_SIZE
-from inference.index import EMBEDDING_KEYS, PARTS_FOLDER, PROGRESS_EVERY_S, UpdateSummary, _sync, update_index
+from inference.index import (EMBEDDING_KEYS, PARTS_FOLDER, PROGRESS_EVERY_S, UpdateSummary, _sync, encoded_batches,
+                             update_index)
+from inference.windows import Windowing
 from runtime.distributed import (broadcast_from_main, choose_device, gather_objects, get_rank, get_world_size,
                                  init_distributed, slurm_environment)
 from runtime.errors import Interrupted, UserError, user_message
@@ -43,6 +49,7 @@ from runtime.sharding import shard_indices
 WAIT = timedelta(hours=24)
 PART_VIDEOS_MOST = 256  # videos in a part, at most (rounded to whole batches): the work an interruption loses
 PARTS_LEAST = 64  # a folder is cut into at least this many parts where it has the batches, for every rank to share
+WINDOWED_PART_FILES_MOST = 8  # files in a part of an index with windows, at most: a long file is hours of windows
 
 
 def launched_on_processes() -> bool:
@@ -56,8 +63,11 @@ def join_processes(device: str | None) -> torch.device:
     return init_distributed(choose_device(device).type, timeout_minutes=WAIT.total_seconds() / 60)
 
 
-def part_files(num_files: int, batch_size: int) -> int:
-    """Files per part: whole batches, at most about PART_VIDEOS_MOST videos, at least PARTS_LEAST parts."""
+def part_files(num_files: int, batch_size: int, windowed: bool = False) -> int:
+    """Files per part: whole batches, at most about PART_VIDEOS_MOST videos, at least PARTS_LEAST
+    parts; with windows (whose batches hold one file each) up to WINDOWED_PART_FILES_MOST files."""
+    if windowed:
+        return max(1, min(num_files // PARTS_LEAST, WINDOWED_PART_FILES_MOST))
     batches = -(-num_files // batch_size)
     return batch_size * max(1, min(batches // PARTS_LEAST, PART_VIDEOS_MOST // batch_size))
 
@@ -73,6 +83,11 @@ class EncodingPlan:
     files_per_part: int
     run_key: str  # what the numbers of a part depend on besides its files
     missing: list  # the numbers of the parts no earlier run left
+    windows: dict | None = None  # Windowing.as_dict() of an index of windows of long files
+
+    @property
+    def windowing(self) -> Windowing | None:
+        return Windowing(**self.windows) if self.windows else None
 
     def part(self, number: int) -> list:
         return self.files[number * self.files_per_part:(number + 1) * self.files_per_part]
@@ -86,14 +101,15 @@ class EncodingPlan:
         return f"part-{hashlib.sha256(content.encode()).hexdigest()[:24]}.npz"
 
 
-def run_key(model, video_folder: Path, batch_size: int, with_tokens: bool) -> str:
+def run_key(model, video_folder: Path, batch_size: int, with_tokens: bool, windows: dict | None = None) -> str:
     """A hash of what the numbers of a part depend on besides its files: the checkpoint file (as
     the manifest checks it, without hashing gigabytes), the settings, the precision, the batches."""
     stat = Path(model.checkpoint).resolve().stat()
     settings = {"root": str(video_folder), "checkpoint": [str(Path(model.checkpoint).resolve()), stat.st_size,
                                                           stat.st_mtime_ns],
                 "config": {key: value(model.config, key) for key in EMBEDDING_KEYS},
-                "precision": model.precision.label, "batch_size": batch_size, "with_tokens": with_tokens}
+                "precision": model.precision.label, "batch_size": batch_size, "with_tokens": with_tokens,
+                "windows": windows}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -104,7 +120,7 @@ class _Part:
         self.files, self.embeddings, self.tokens, self.failed = [], [], [], {}
 
     def add(self, batch, entries: list) -> None:
-        self.files += [entries[i] for i in batch.indices]
+        self.files += [{**entries[i], **span} for i, span in zip(batch.indices, batch.span_fields())]
         self.embeddings.append(batch.embeddings.numpy())
         if batch.tokens is not None:
             self.tokens.append(batch.tokens.half().numpy())
@@ -130,16 +146,19 @@ def _encode_parts(model, plan: EncodingPlan, numbers: list[int], parts_folder: P
     ends = np.cumsum([len(plan.part(number)) for number in numbers]).tolist()
     progress, part, done, saved = ProgressLine("index:", len(entries), "videos", PROGRESS_EVERY_S), _Part(), 0, 0
     stop_after, interrupt_after = index_stop_part(), interrupt_batch()  # testing aids (runtime/fault_injection.py)
-    batches = model.iter_encoded(paths, plan.batch_size, return_tokens=plan.with_tokens, num_workers=num_workers)
+    batches = encoded_batches(model, paths, plan.batch_size, plan.with_tokens, num_workers, plan.windowing)
     for batch_number, batch in enumerate(batches, start=1):
-        part.add(batch, entries)
-        done += len(batch.indices) + len(batch.failed)
+        rest = batch
+        while saved < len(ends) and (rest.indices or rest.failed):  # a batch of windows may end several parts
+            head, rest = rest.split_at(ends[saved])
+            part.add(head, entries)
+            done += head.num_files
+            if done == ends[saved]:
+                part.save(parts_folder / plan.part_name(numbers[saved]))
+                part, saved = _Part(), saved + 1
+                if saved == stop_after:
+                    stop_index_rank(saved)
         progress.update(done)
-        if done == ends[saved]:  # parts hold whole batches: a batch never straddles two
-            part.save(parts_folder / plan.part_name(numbers[saved]))
-            part, saved = _Part(), saved + 1
-            if saved == stop_after:
-                stop_index_rank(saved)
         if batch_number == interrupt_after:
             interrupt_with_workers()
 
@@ -179,12 +198,14 @@ class _Leader:
         self.followers_wait = True  # for the plan, or for the outcome once the parts are gathered
 
     def encode(self, model, writer, video_folder: Path, to_encode: list[str], found: dict, batch_size, num_workers,
-               with_tokens: bool) -> dict[str, str]:
+               with_tokens: bool, windowing: Windowing | None = None) -> dict[str, str]:
         """update_index's encoding step (inference.index._encode_new's arguments and result)."""
         batch_size = batch_size or DEFAULT_BATCH_SIZE
         files = [{"path": path, **found[path]} for path in to_encode]
-        plan = EncodingPlan(str(video_folder), files, batch_size, with_tokens, part_files(len(files), batch_size),
-                            run_key(model, video_folder, batch_size, with_tokens), [])
+        windows = windowing.as_dict() if windowing else None
+        plan = EncodingPlan(str(video_folder), files, batch_size, with_tokens,
+                            part_files(len(files), batch_size, windowed=windows is not None),
+                            run_key(model, video_folder, batch_size, with_tokens, windows), [], windows)
         self.parts_folder.mkdir(exist_ok=True)
         plan.missing = [number for number in range(plan.num_parts)
                         if not (self.parts_folder / plan.part_name(number)).exists()]
@@ -227,8 +248,7 @@ def update_index_on_processes(model, video_folder, index_folder, batch_size: int
                               embedding_dtype: str | None = None, window: float | None = None,
                               stride: float | None = None) -> UpdateSummary:
     """inference.index.update_index with the encoding shared by every process of the group
-    (join_processes); every rank returns the same summary. Windows of long files (inference/windows.py)
-    are encoded on one process only: update_index refuses a run asking for them, or updating an index of them."""
+    (join_processes); every rank returns the same summary."""
     index_folder = Path(index_folder)
     if get_rank() != 0:
         return _follow(model, index_folder, num_workers)

@@ -51,13 +51,10 @@ class Windowing:
         return {"window": self.window, "stride": self.stride}
 
 
-def choose_windowing(manifest: dict | None, window: float | None, stride: float | None,
-                     with_tokens: bool = False) -> Windowing | None:
+def choose_windowing(manifest: dict | None, window: float | None, stride: float | None) -> Windowing | None:
     """This run's windows: the flags, else those of the index in `manifest` (an update keeps an
     index's windows); None: one embedding per file. Other windows than an existing index's are
-    refused: its rows would mix two cuts of the same files. Windows without stored tokens: the
-    tokens file is allocated at its full size before encoding (inference/index.py), and a file's
-    number of windows is known only once it is opened."""
+    refused: its rows would mix two cuts of the same files."""
     recorded = manifest.get("windows") if manifest else None
     if window is None and recorded is not None:
         window, stride = recorded["window"], recorded["stride"] if stride is None else stride
@@ -65,9 +62,6 @@ def choose_windowing(manifest: dict | None, window: float | None, stride: float 
         if stride is not None:
             raise UserError("--stride needs --window (the window length in seconds)")
         return None
-    if with_tokens:
-        raise UserError("--tokens and --window do not go together: an index with windows re-encodes the moments "
-                        "it re-ranks instead")
     stride = window / 2 if stride is None else stride
     if stride > window:
         raise UserError(f"--stride {stride:g} is longer than --window {window:g}: the video between windows would "
@@ -251,18 +245,30 @@ class WindowItem:
 
 
 class WindowClips(IterableDataset):
-    """The windows of a list of files; worker w of n reads files w, w + n, ... whole, so a file is
-    decoded once, by one process."""
+    """Batches of the windows of a list of files: worker w of n reads files w, w + n, ... whole, so a
+    file is decoded once, by one process. A batch holds one file's windows only (up to
+    `batch_size` of them): a window's numbers then depend on its file alone, not on the files
+    indexed beside it or on how many workers or processes share the work (a multi-process index
+    equals a single-process one, inference/index_processes.py)."""
 
-    def __init__(self, config: dict, paths, windowing: Windowing):
+    def __init__(self, config: dict, paths, windowing: Windowing, batch_size: int):
         self.clips = ClipDataset(config, "video files", train=False, substitute_black_on_error=False)
-        self.paths, self.windowing = [str(path) for path in paths], windowing
+        self.paths, self.windowing, self.batch_size = [str(path) for path in paths], windowing, batch_size
 
-    def __iter__(self) -> Iterator[WindowItem]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, list[WindowItem]]]:
         worker = get_worker_info()
         first, step = (worker.id, worker.num_workers) if worker else (0, 1)
         for number in range(first, len(self.paths), step):
-            yield from self._file(number)
+            items = []
+            for item in self._file(number):
+                if item.reason is not None:  # its windows not yet handed on are dropped with it
+                    items = []
+                items.append(item)
+                if len(items) == self.batch_size or item.reason is not None:
+                    yield collate_windows(items)
+                    items = []
+            if items:
+                yield collate_windows(items)
 
     def _file(self, number: int) -> Iterator[WindowItem]:
         path = self.paths[number]
@@ -284,55 +290,77 @@ def collate_windows(items: list[WindowItem]) -> tuple[torch.Tensor | None, list[
     return (torch.stack(clips) if clips else None), items
 
 
+def _as_batched(batch):
+    """The DataLoader's collate step for batches the dataset already formed."""
+    return batch
+
+
 @dataclass
 class _FileRows:
     """A file's encoded windows until its last one comes: its rows are committed whole or not at all."""
     spans: list
     embeddings: list
-    tokens: list
+    tokens: list  # fp16, as an index stores them: a long file's windows wait here until its last one
+
+
+class _InFileOrder:
+    """The rows of the windows as they come from the workers, handed on a file at a time, whole,
+    in the order of the files (each worker reads other files)."""
+
+    def __init__(self, embed_dim: int):
+        self.embed_dim, self.pending, self.finished, self.next_file = embed_dim, {}, {}, 0
+
+    def add(self, items: list[WindowItem], embeddings, tokens) -> EncodedBatch:
+        """The batch of the files these items let go: the ones finished, up to the first still unfinished."""
+        row = 0
+        for item in items:
+            if item.reason is not None:
+                self.pending.pop(item.file, None)
+                self.finished[item.file] = item.reason
+                continue
+            rows = self.pending.setdefault(item.file, _FileRows([], [], []))
+            rows.spans.append(item.span)
+            rows.embeddings.append(embeddings[row])
+            if tokens is not None:
+                rows.tokens.append(tokens[row].half())
+            row += 1
+            if len(rows.spans) == item.count:
+                self.finished[item.file] = self.pending.pop(item.file)
+        done, failed = [], {}
+        while self.next_file in self.finished:
+            rows = self.finished.pop(self.next_file)
+            if isinstance(rows, str):
+                failed[self.next_file] = rows
+            else:
+                done.append((self.next_file, rows))
+            self.next_file += 1
+        indices = [file for file, rows in done for _ in rows.spans]
+        spans = [span for _, rows in done for span in rows.spans]
+        embeddings = torch.stack([e for _, rows in done for e in rows.embeddings]) if indices \
+            else torch.empty(0, self.embed_dim)
+        tokens = torch.stack([t for _, rows in done for t in rows.tokens]).float() if indices and tokens is not None \
+            else None
+        return EncodedBatch(indices, embeddings, tokens, failed, spans)
 
 
 def iter_encoded_windows(model, paths, windowing: Windowing, batch_size: int | None = None,
                          return_tokens: bool = False, num_workers: int | None = None):
-    """inference.api.EncodedBatch after EncodedBatch, each holding the files whose windows are all
-    encoded (one row per window, `spans` their seconds); a file that fails after some windows
-    is in `failed` alone."""
+    """inference.api.EncodedBatch after EncodedBatch, each holding the next files (in the order of
+    `paths`) whose windows are all encoded, one row per window (`spans`: their seconds); a file
+    that fails, even after some windows, is in `failed` alone. With `return_tokens` a file's
+    windows' tokens are held (fp16) until its last window is encoded: 1.5 MiB a window with the
+    224 px 32-frame models."""
     model._require(("retrieval", "pre-training"), "encoding videos")
     workers = value(model.config, "num_workers") if num_workers is None else num_workers
-    loader = VideoLoader(WindowClips(model.config, paths, windowing), batch_size=batch_size or DEFAULT_BATCH_SIZE,
-                         num_workers=min(workers, len(paths)), collate_fn=collate_windows,
+    dataset = WindowClips(model.config, paths, windowing, batch_size or DEFAULT_BATCH_SIZE)
+    loader = VideoLoader(dataset, batch_size=None, num_workers=min(workers, len(paths)), collate_fn=_as_batched,
                          worker_init_fn=decoding_worker_init, pin_memory=model.device.type == "cuda")
-    pending: dict[int, _FileRows] = {}
+    in_order = _InFileOrder(value(model.config, "embed_dim"))
     with torch.no_grad():
         for clips, items in loader:
             tokens = embeddings = None
             if clips is not None:
                 with model.autocast():
                     tokens, embeddings = model.model.encode_video(clips.to(model.device, non_blocking=True))
-                embeddings, tokens = embeddings.float().cpu(), tokens.float().cpu() if return_tokens else None
-            yield _completed(items, embeddings, tokens, pending, value(model.config, "embed_dim"))
-
-
-def _completed(items: list[WindowItem], embeddings, tokens, pending: dict, embed_dim: int) -> EncodedBatch:
-    """The batch of the files these items complete, their rows in window order."""
-    done, failed, row = [], {}, 0
-    for item in items:
-        if item.reason is not None:
-            pending.pop(item.file, None)
-            failed[item.file] = item.reason
-            continue
-        rows = pending.setdefault(item.file, _FileRows([], [], []))
-        rows.spans.append(item.span)
-        rows.embeddings.append(embeddings[row])
-        if tokens is not None:
-            rows.tokens.append(tokens[row])
-        row += 1
-        if len(rows.spans) == item.count:
-            done.append((item.file, pending.pop(item.file)))
-    indices = [file for file, rows in done for _ in rows.spans]
-    spans = [span for _, rows in done for span in rows.spans]
-    no_rows = torch.empty(0, embed_dim)
-    batch_embeddings = torch.stack([e for _, rows in done for e in rows.embeddings]) if indices else no_rows
-    batch_tokens = torch.stack([t for _, rows in done for t in rows.tokens]) if indices and tokens is not None \
-        else None
-    return EncodedBatch(indices, batch_embeddings, batch_tokens, failed, spans)
+                embeddings, tokens = embeddings.float().cpu(), tokens.cpu() if return_tokens else None
+            yield in_order.add(items, embeddings, tokens)

@@ -1,5 +1,6 @@
 """video_tool.py index on two processes (torchrun, gloo on the CPU): the index equals a single
-process's bit for bit, and an interrupted run resumes from the parts it left behind."""
+process's bit for bit, with windows of long files too, and an interrupted run resumes from the
+parts it left behind."""
 import json
 import shutil
 import subprocess
@@ -21,8 +22,8 @@ def toy(tmp_path_factory):
     return make_toy_setup(tmp_path_factory.mktemp("index_processes"))
 
 
-def index_args(toy, videos, index) -> list[str]:
-    return [str(arg) for arg in ["index", videos, "--index", index, "--tokens", "--batch_size", BATCH,
+def index_args(toy, videos, index, *extra) -> list[str]:
+    return [str(arg) for arg in ["index", videos, "--index", index, "--tokens", "--batch_size", BATCH, *extra,
                                  "--config", toy.configs["retrieval"], "--checkpoint", toy.checkpoints["retrieval"],
                                  "--precision", "fp32", "--options", *toy.overrides]]
 
@@ -66,6 +67,7 @@ def test_parts_are_whole_batches_in_the_single_process_order():
     renamed = EncodingPlan("/videos", files, 8, False, plan.files_per_part, "another run", [])
     assert plan.part_name(0) != plan.part_name(1)
     assert plan.part_name(0) != renamed.part_name(0)  # a part is used only by a run of the same model and settings
+    assert part_files(1000, 8, windowed=True) == 8 and part_files(100, 8, windowed=True) == 1  # long files: few a part
 
 
 @pytest.mark.slow
@@ -78,6 +80,21 @@ def test_two_processes_make_the_single_process_index(toy, tmp_path, capsys):
     summary = single_summary.replace(str(tmp_path / "single"), str(tmp_path / "two"))
     assert summary in output and output.count(f"index {tmp_path / 'two'}: ") == 1  # rank 0 alone prints it
     assert not (tmp_path / "two" / ".index-parts").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_index_windows_as_one_process_does(toy, tmp_path, capsys):
+    """Windows of 1 s every 0.5 s (three of each 2 s toy video), tokens stored; the single process
+    decodes in two workers, the two processes in none: a window's batch holds its file alone, so
+    the rows are the same bit for bit."""
+    videos = videos_with_a_broken_one(toy, tmp_path / "videos", count=5)
+    windows = ["--window", 1, "--stride", 0.5]
+    video_tool.main(index_args(toy, videos, tmp_path / "single", *windows, "--num_workers", 2))
+    assert "5 videos (5 encoded, 0 unchanged, 0 dropped), 1 unreadable; 15 windows\n" in capsys.readouterr().out
+    run_together(torchrun_nodes(["video_tool.py", *index_args(toy, videos, tmp_path / "two", *windows)], 1, 2))
+    assert_same_index(tmp_path / "two", tmp_path / "single")
+    manifest, arrays = contents(tmp_path / "two")
+    assert [entry["start"] for entry in manifest["files"][:3]] == [0.0, 0.5, 1.0] and len(arrays["tokens"]) == 15
 
 
 @pytest.mark.slow

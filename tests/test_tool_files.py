@@ -2,6 +2,7 @@
 damaged manifest is one clear error, pictures are replaced whole, and every numeric flag is
 range-checked (tests/bad_inputs/tool_files.py runs the same through the command line)."""
 import errno
+import io
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import inference.index
 import video_tool
 from inference.aggregation import save_whole
 from inference.api import VideoLanguageModel
-from inference.index import IndexWriter, VideoIndex, read_manifest, update_index
+from inference.index import HEADER_BYTES, IndexWriter, VideoIndex, _npy_header, read_manifest, update_index
 from runtime.errors import UserError
 from tests.inference_toy import make_toy_setup
 
@@ -148,7 +149,7 @@ def test_run_files_have_names_of_their_own_and_go_with_the_run(tmp_path):
     stray = [tmp_path / "tokens-0123456789ab.npy", tmp_path / ".manifest.json.0123456789ab.tmp"]
     for path in stray:
         path.write_bytes(b"from a killed run")
-    first, second = IndexWriter(tmp_path, capacity=2), IndexWriter(tmp_path, capacity=2)
+    first, second = IndexWriter(tmp_path, expected_rows=2), IndexWriter(tmp_path, expected_rows=2)
     assert first.id != second.id
     tokens = np.ones((2, 3, 4), np.float16)
     with second:
@@ -166,12 +167,24 @@ def test_run_files_have_names_of_their_own_and_go_with_the_run(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / manifest["tokens"]), tokens)
 
 
-def test_rows_past_the_written_ones_read_as_zeros(tmp_path):
-    with IndexWriter(tmp_path, capacity=3) as writer:
-        writer.add([{"path": "a.mp4", "size": 1, "mtime_ns": 1}], np.ones((1, 8)), np.full((1, 3, 4), 2, np.float16))
+@pytest.mark.parametrize("written", [1, 3, 12345])  # fewer, as many and more rows than expected (windows)
+def test_the_tokens_file_holds_the_rows_written(tmp_path, written):
+    tokens = np.arange(written * 12, dtype=np.float16).reshape(written, 3, 4)
+    with IndexWriter(tmp_path, expected_rows=3) as writer:
+        for start in range(0, written, 1000):
+            rows = tokens[start:start + 1000]
+            writer.add([{"path": "a.mp4", "size": 1, "mtime_ns": 1}] * len(rows), np.ones((len(rows), 8)), rows)
         writer.commit({"format": 1})
-    tokens = np.load(tmp_path / writer.tokens.path.name, mmap_mode="r")
-    assert tokens.shape == (3, 3, 4) and tokens[0].min() == 2 and not tokens[1:].any()
+    path = tmp_path / writer.tokens.path.name
+    assert path.stat().st_size == HEADER_BYTES + tokens.nbytes  # no allocation left past the rows
+    np.testing.assert_array_equal(np.load(path, mmap_mode="r"), tokens)
+
+
+def test_npy_headers_of_any_row_count_take_the_same_bytes():
+    for shape in [(0, 8), (7, 1041, 768), (10**12, 1041, 768)]:
+        header = _npy_header(np.dtype(np.float16), shape)
+        assert len(header) == HEADER_BYTES and header.endswith(b"\n")
+        assert np.lib.format.read_array_header_1_0(io.BytesIO(header[8:]))[0] == shape
 
 
 def lock_of(index):

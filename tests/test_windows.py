@@ -21,7 +21,7 @@ import video_tool
 from data.toy import FPS, random_events, render_event
 from inference.api import VideoLanguageModel
 from inference.index import VideoIndex
-from inference.windows import Windowing, frame_spans, iter_encoded_windows
+from inference.windows import Windowing, WindowItem, _InFileOrder, frame_spans, iter_encoded_windows
 from tests.helpers import REPO_ROOT
 from tests.inference_toy import fail, make_toy_setup, model_args, run
 
@@ -87,6 +87,21 @@ def test_window_spans_cover_the_file_with_equal_windows():
     assert frame_spans(84, 8.0, WINDOWS)[-1] == (68, 84)  # the tail: a last window ending at the end
     assert frame_spans(16, 8.0, WINDOWS) == [(0, 16)]  # no longer than a window: the whole file
     assert frame_spans(10, 8.0, WINDOWS) == [(0, 10)]
+
+
+def test_files_are_handed_on_whole_and_in_order():
+    """Workers finish files out of order: rows wait for the files before them, a failed file drops its windows."""
+    order = _InFileOrder(embed_dim=2)
+
+    def window(file, count, reason=None):
+        return WindowItem(None, file, count, None if reason else (0.0, 1.0), reason)
+
+    rows = torch.eye(2)
+    assert order.add([window(1, 1)], rows[:1], None).indices == []  # file 1 is done, file 0 is not
+    assert order.add([window(0, 2), window(0, 2)], rows, None).indices == [0, 0, 1]
+    assert order.add([window(2, 3)], rows[:1], None).indices == []
+    batch = order.add([window(2, 0, "broken after one window"), window(3, 1)], rows[:1], None)
+    assert batch.failed == {2: "broken after one window"} and batch.indices == [3] and len(batch.embeddings) == 1
 
 
 def test_a_window_is_encoded_as_its_span_cut_out_as_a_file(model, videos):
@@ -171,6 +186,26 @@ def test_an_interrupted_long_index_resumes(toy, videos, tmp_path, capsys):
     assert spans["a.mp4"] == spans["b.mp4"] == spans["c.mp4"] and len(spans["a.mp4"]) == 2 * CLIPS - 1
     for name in ("b.mp4", "c.mp4"):  # the same file encoded by another run: the same rows
         assert np.allclose(resumed.embeddings[rows[name]], resumed.embeddings[rows["a.mp4"]], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_windows_with_stored_tokens_caption_a_moment_without_decoding(toy, videos, tmp_path, capsys):
+    """--tokens with --window: a token row per window, and `caption --start --end` of a window reads
+    its row (a pre-training checkpoint indexes for zero-shot search and captions with one encoder)."""
+    index = tmp_path / "index"
+    out = run(["index", videos / "long", "--index", index, "--window", CLIP_SECONDS, "--tokens", "--num_workers", "0",
+               *model_args(toy, "pretrain")], capsys)
+    assert out.endswith(f"; {2 * CLIPS - 1} windows\n")
+    stored = VideoIndex.open(index)
+    assert stored.tokens.shape[0] == len(stored.files) == 2 * CLIPS - 1
+    caption = ["caption", videos / "long" / "long.mp4", "--start", 2 * CLIP_SECONDS, "--end", 3 * CLIP_SECONDS,
+               *model_args(toy, "pretrain")]
+    from_file = run(caption, capsys)
+    video_tool.main([str(arg) for arg in [*caption, "--index", index]])
+    captured = capsys.readouterr()
+    assert captured.out == from_file and f"video tokens: from index {index}" in captured.err
+    video_tool.main([str(arg) for arg in [*caption[:2], "--start", CLIP_SECONDS / 4, *caption[4:], "--index", index]])
+    assert "does not hold" in capsys.readouterr().err  # not a window's span: the file is decoded
 
 
 def window_count(model, videos, windows: Windowing) -> int:
