@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from benchmarks import common
 from configs.load import load_config
 from inference.api import itc_shortlist
-from inference.index import NpyFile
+from inference.index_files import NpyFile
 from inference.search import CHUNK_ROWS, SEARCH_THREADS, ApproximateIndex, approximate_top_k, exact_top_k
 from models import create_model
 from models.testa_retrieval import rerank_scores
@@ -114,7 +114,7 @@ class ClusteredEmbeddings:
 
 def write_embeddings(folder: Path, rows: int, data: ClusteredEmbeddings, dtypes) -> dict:
     """One .npy file per dtype of the same `rows` embeddings, written front to back as an index's."""
-    files = {name: NpyFile(folder / f"embeddings-{name}.npy", DTYPES[name], (rows, data.dim)) for name in dtypes}
+    files = {name: NpyFile(folder / f"embeddings-{name}.npy", DTYPES[name], (data.dim,), rows) for name in dtypes}
     for start in range(0, rows, GENERATE_ROWS):
         chunk = data.draw(min(GENERATE_ROWS, rows - start)).numpy()
         for npy in files.values():

@@ -34,8 +34,8 @@ import torch
 
 from configs.keys import value
 from inference.api import DEFAULT_BATCH_SIZE
-from inference.index import (EMBEDDING_KEYS, PARTS_FOLDER, PROGRESS_EVERY_S, UpdateSummary, _sync, encoded_batches,
-                             update_index)
+from inference.index import EMBEDDING_KEYS, PROGRESS_EVERY_S, UpdateSummary, encoded_batches, update_index
+from inference.index_files import PARTS_FOLDER, sync_to_disk
 from inference.windows import Windowing
 from runtime.distributed import (broadcast_from_main, choose_device, gather_objects, get_rank, get_world_size,
                                  init_distributed, slurm_environment)
@@ -135,7 +135,7 @@ class _Part:
         temporary = path.with_name(f".{path.name}.{get_rank()}.tmp")
         with open(temporary, "wb") as handle:
             np.savez(handle, **arrays)
-            _sync(handle)
+            sync_to_disk(handle)
         os.replace(temporary, path)
 
 

@@ -16,10 +16,12 @@ from PIL import Image
 
 import inference.api
 import inference.index
+import inference.index_files
 import video_tool
 from inference.aggregation import save_whole
 from inference.api import VideoLanguageModel
-from inference.index import HEADER_BYTES, IndexWriter, VideoIndex, _npy_header, read_manifest, update_index
+from inference.index import VideoIndex, read_manifest, update_index
+from inference.index_files import HEADER_BYTES, IndexWriter, _npy_header
 from runtime.errors import UserError
 from tests.inference_toy import make_toy_setup
 
@@ -94,7 +96,7 @@ def test_full_disk_fails_before_encoding_and_keeps_the_previous_index(indexed, r
                                                                      counted_decodes):
     videos, index = indexed
     before = snapshot(index)
-    monkeypatch.setattr(inference.index.os, "posix_fallocate", no_space_left)
+    monkeypatch.setattr(inference.index_files.os, "posix_fallocate", no_space_left)
     with pytest.raises(UserError, match=r"index .* not updated \(the previous index is unchanged\): "
                                         r".*tokens-\w+\.npy: no space left on device"):
         update_index(retrieval, videos, index, num_workers=0, with_tokens=True)
@@ -105,7 +107,7 @@ def test_full_disk_fails_before_encoding_and_keeps_the_previous_index(indexed, r
 
 def test_a_new_index_with_tokens_on_a_full_disk_stops_at_the_first_batch(toy, retrieval, tmp_path, monkeypatch,
                                                                         counted_decodes):
-    monkeypatch.setattr(inference.index.os, "posix_fallocate", no_space_left)
+    monkeypatch.setattr(inference.index_files.os, "posix_fallocate", no_space_left)
     with pytest.raises(UserError, match=r"not updated \(no index was written\): .*tokens-\w+\.npy: no space"):
         update_index(retrieval, toy.videos, tmp_path / "index", batch_size=2, num_workers=0, with_tokens=True)
     assert len(counted_decodes) == 2
@@ -127,8 +129,8 @@ def test_failed_writes_on_a_file_system_without_fallocate_keep_the_previous_inde
     def filling_open(path, mode="r", *args, **kwargs):
         return FillingFile(open(path, mode, *args, **kwargs), 200 if path.name.startswith(full_at) else 10 ** 9)
 
-    monkeypatch.setattr(inference.index.os, "posix_fallocate", unsupported)
-    monkeypatch.setattr(inference.index, "open", filling_open, raising=False)
+    monkeypatch.setattr(inference.index_files.os, "posix_fallocate", unsupported)
+    monkeypatch.setattr(inference.index_files, "open", filling_open, raising=False)
     with pytest.raises(UserError, match=rf"not updated \(the previous index is unchanged\): .*/{full_at}\S+: "
                                         r"no space left on device"):
         update_index(retrieval, videos, index, num_workers=0, with_tokens=True)
@@ -137,7 +139,7 @@ def test_failed_writes_on_a_file_system_without_fallocate_keep_the_previous_inde
 
 @pytest.mark.slow
 def test_a_new_index_on_a_full_disk_leaves_an_empty_folder(toy, retrieval, tmp_path, monkeypatch):
-    monkeypatch.setattr(inference.index.os, "posix_fallocate", no_space_left)
+    monkeypatch.setattr(inference.index_files.os, "posix_fallocate", no_space_left)
     with pytest.raises(UserError, match=r"not updated \(no index was written\): .*embeddings-\w+\.npy: no space"):
         update_index(retrieval, toy.videos, tmp_path / "index", num_workers=0)
     assert list((tmp_path / "index").iterdir()) == []
