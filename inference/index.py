@@ -52,7 +52,7 @@ from runtime.run_lock import acquire_run_lock, release_run_lock
 from utils import file_sha256
 
 FORMAT_VERSION = 1
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg")
 # The config values an embedding depends on besides the checkpoint's weights.
 # What a video's tokens depend on besides the video encoder's weights (inference/stored.py), and
 # what its embedding depends on besides the checkpoint's weights.

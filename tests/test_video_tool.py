@@ -50,6 +50,26 @@ def folder(toy, tmp_path):
     return videos
 
 
+def write_container(path, codec: str, fps: int) -> None:
+    import av
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for value in range(0, 160, 10):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((64, 64, 3), value, np.uint8))))
+        container.mux(stream.encode())
+
+
+def test_flash_mpeg_and_m4v_files_are_indexed(toy, tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name, codec, fps in [("a.flv", "flv1", 8), ("b.MPG", "mpeg1video", 25), ("c.m4v", "mpeg4", 8)]:
+        write_container(videos / name, codec, fps)
+    out = run(["index", videos, "--index", tmp_path / "index", "--num_workers", "0", *model_args(toy)], capsys)
+    assert "3 videos (3 encoded, 0 unchanged, 0 dropped), 0 unreadable" in out
+
+
 def test_incremental_index(toy, folder, tmp_path, capsys, counted_decodes):
     index = tmp_path / "index"
     out = run(["index", folder, "--index", index, "--num_workers", "0", *model_args(toy, "retrieval")], capsys)
