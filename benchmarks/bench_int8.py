@@ -16,6 +16,12 @@ int8 moves the embeddings and the search results.
   batch 1 (rounding alone) beside int8: token merging turns small differences into different
   merge decisions wherever two candidates are nearly tied.
 
+`--int8_scheme` picks which linear layers int8 quantises and how (INT8_SCHEMES; default `tool`,
+what --precision int8 applies), so other standard torch.ao dynamic-quantisation routes can be
+measured by the same two sections: per-channel weight scales, MLP layers only, all but the
+attention's qkv projections (the keys token merging compares). Both sections apply the scheme;
+`tool` loads the int8 model through the tool's own path.
+
 Targets: int8 at least 1.5x fp32's rate, embeddings at cosine >= 0.99, top-10 overlap >= 90%.
 
     python -m benchmarks.bench_int8 --sections agreement --compare int8,bf16,fp32-batch1 --clips 300 \\
@@ -31,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from benchmarks import common
 from benchmarks.bench_data import make_long_clip
@@ -40,11 +47,50 @@ from data.preprocess import ClipPreprocess
 from data.toy import write_corpus
 from inference.api import VideoLanguageModel
 from models import create_model
+from models.timesformer_blocks import Mlp
 from runtime.precision import inference_precision, quantize_linear_layers
 
 TARGETS = {"speedup": 1.5, "cosine": 0.99, "top10_overlap": 0.90}
 TOY_CONFIG = common.REPO_ROOT + "/configs/toy/retrieval.yaml"
 TOY_TEXT = common.REPO_ROOT + "/configs/toy/bert_toy.json"
+# --int8_scheme: which nn.Linear layers of the video encoder become dynamic int8, and with which
+# weight scales (torch.ao's qconfig_spec dict: module types or names -> qconfig; None keeps fp32).
+INT8_SCHEMES = {
+    "tool": "what --precision int8 applies (runtime.precision.quantize_linear_layers)",
+    "tensor": "every linear layer, one weight scale per tensor (default_dynamic_qconfig)",
+    "channel": "every linear layer, one weight scale per output channel (per_channel_dynamic_qconfig)",
+    "mlp": "the MLPs' fc1/fc2 only, per-tensor scales; attention and temporal_fc stay fp32",
+    "channel-mlp": "the MLPs' fc1/fc2 only, per-channel scales",
+    "noqkv": "every linear layer but the attention qkv projections (spatial and temporal), per-tensor",
+    "channel-noqkv": "every linear layer but the attention qkv projections, per-channel scales",
+}
+
+
+def quantize_scheme(module: nn.Module, scheme: str) -> nn.Module:
+    """`module` with its linear layers dynamically quantised, in place, as INT8_SCHEMES[scheme] says."""
+    if scheme == "tool":
+        return quantize_linear_layers(module)
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
+    qconfig = per_channel_dynamic_qconfig if scheme.startswith("channel") else default_dynamic_qconfig
+    layers = scheme.removeprefix("channel").lstrip("-")
+    if layers in ("", "tensor"):  # every linear layer
+        spec = {nn.Linear: qconfig}
+    elif layers == "mlp":  # fc1 and fc2 inherit their Mlp's qconfig
+        spec = {Mlp: qconfig}
+    elif layers == "noqkv":
+        spec = {nn.Linear: qconfig, **{name: None for name, child in module.named_modules()
+                                       if isinstance(child, nn.Linear) and name.rsplit(".", 1)[-1] == "qkv"}}
+    else:
+        raise ValueError(f"unknown int8 scheme {scheme!r}; expected one of {', '.join(INT8_SCHEMES)}")
+    return quantize_linear_layers(module, spec)
+
+
+def quantised_layers(module: nn.Module) -> tuple[int, int]:
+    """(int8 linear layers, fp32 linear layers) of `module`."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    modules = list(module.modules())
+    return (sum(isinstance(m, DynamicLinear) for m in modules),
+            sum(type(m) is nn.Linear for m in modules))
 
 
 def speed_rows(args, device) -> list[dict]:
@@ -56,7 +102,8 @@ def speed_rows(args, device) -> list[dict]:
         torch.manual_seed(0)
         testa_r = [1, args.patch_merge] * args.depth
         encoder = build_encoder(size, frames, True, device, testa_r=testa_r)
-        quantised = quantize_linear_layers(copy.deepcopy(encoder))
+        quantised = quantize_scheme(copy.deepcopy(encoder), args.int8_scheme)
+        layers_int8, layers_fp32 = quantised_layers(quantised)
         # A generated video clip (bench_data.make_long_clip) as the encoder sees it, not noise.
         video = clip_tensor(args, frames, device)
         forwards = {}
@@ -77,7 +124,10 @@ def speed_rows(args, device) -> list[dict]:
         for name, timing in timings.items():
             cosine = F.cosine_similarity(outputs["fp32"].mean(1), outputs[name].mean(1), dim=-1).min().item() \
                 if "fp32" in outputs else None
-            rows.append({"section": "speed", "frames": frames, "precision": name, "median_s": timing["median_s"],
+            rows.append({"section": "speed", "frames": frames, "precision": name,
+                         "int8_scheme": args.int8_scheme if name == "int8" else None,
+                         "int8_layers": [layers_int8, layers_fp32] if name == "int8" else None,
+                         "median_s": timing["median_s"],
                          "min_s": timing["min_s"], "times_s": timing["times_s"],
                          "median_cpu_s": timing["median_cpu_s"], "clips_per_s": 1 / timing["median_s"],
                          "speedup_vs_fp32": reference / timing["median_s"] if reference else None,
@@ -130,15 +180,28 @@ def agreement_rows(args, device) -> list[dict]:
         torch.save({"model": create_model(config, "retrieval").state_dict()}, checkpoint)
     load = lambda precision: VideoLanguageModel.load(config_path, checkpoint, device, precision,  # noqa: E731
                                                      overrides, task="retrieval")
+
+    def load_int8():
+        """The tool's int8 model, or (another --int8_scheme) the fp32 one with that scheme applied."""
+        if args.int8_scheme == "tool":
+            return load("int8")
+        model = load("fp32")
+        model.model.visual_encoder = quantize_scheme(model.model.visual_encoder, args.int8_scheme)
+        return model
     reference_model = load("fp32")
     reference = reference_model.encode_videos(videos, batch_size=args.batch_size)
     assert not reference.failed, reference.failed
     captions = corpus_captions(corpus, videos)
     queries = reference_model.encode_texts(captions)  # the text side: fp32 at every precision compared
-    candidates = {}
+    candidates, int8_layers = {}, None
     for name in common.parse_list(args.compare):
         if name == "fp32-batch1":  # the floor: fp32 itself, other batch shapes round differently
             candidates[name] = reference_model.encode_videos(videos, batch_size=1)
+        elif name == "int8":
+            int8_model = load_int8()
+            int8_layers = list(quantised_layers(int8_model.model.visual_encoder))
+            candidates[name] = int8_model.encode_videos(videos, batch_size=args.batch_size)
+            del int8_model
         else:
             candidates[name] = load(name).encode_videos(videos, batch_size=args.batch_size)
     k = min(10, len(videos))
@@ -150,6 +213,8 @@ def agreement_rows(args, device) -> list[dict]:
         top = (queries @ encoding.embeddings.T).topk(k, dim=1).indices
         overlaps = [len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(top_reference, top)]
         rows.append({"section": "agreement", "precision": name,
+                     "int8_scheme": args.int8_scheme if name == "int8" else None,
+                     "int8_layers": int8_layers if name == "int8" else None,
                      "config": os.path.relpath(config_path, common.REPO_ROOT),
                      "checkpoint": str(checkpoint), "weights": weights, "options": args.options,
                      "videos": len(videos), "queries": len(captions), "k": k,
@@ -198,6 +263,9 @@ def main():
     parser.add_argument("--compare", default="int8",
                         help="agreement: what is compared with fp32, comma separated: int8, bf16, fp32-batch1 (fp32 "
                              "at batch 1: the floor set by rounding alone)")
+    parser.add_argument("--int8_scheme", default="tool", choices=list(INT8_SCHEMES),
+                        help="which linear layers int8 quantises, and how: "
+                             + "; ".join(f"{name}: {text}" for name, text in INT8_SCHEMES.items()))
     parser.add_argument("--options", nargs="*", default=[], help="agreement: config overrides KEY=VALUE")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); 1 makes CPU time a fair measure on a shared machine")
@@ -213,14 +281,14 @@ def main():
     if "speed" in sections:
         rows += speed_rows(args, device)
         common.print_table([row for row in rows if row["section"] == "speed"],
-                           ["frames", "precision", "median_s", "median_cpu_s", "clips_per_s", "speedup_vs_fp32",
-                            "cpu_speedup_vs_fp32", "pooled_cosine_vs_fp32", "tokens_out"],
+                           ["frames", "precision", "int8_scheme", "median_s", "median_cpu_s", "clips_per_s",
+                            "speedup_vs_fp32", "cpu_speedup_vs_fp32", "pooled_cosine_vs_fp32", "tokens_out"],
                            title=f"video encoder, {args.img_size} px, width {args.width}, depth {args.depth}, "
                                  "batch 1, random weights")
     if "agreement" in sections:
         rows += agreement_rows(args, device)
         common.print_table([row for row in rows if row["section"] == "agreement"],
-                           ["precision", "weights", "videos", "queries", "cosine_min", "cosine_mean",
+                           ["precision", "int8_scheme", "weights", "videos", "queries", "cosine_min", "cosine_mean",
                             "top10_overlap_mean", "top10_overlap_min", "same_top1"], title="against fp32: ITC embeddings and top-10 hits")
     found = checks(rows)
     for check in found:

@@ -164,11 +164,14 @@ def _auto(device: torch.device, cpu_bf16_is_native, cpu_int8_is_fast) -> tuple[s
     return "fp32", "this CPU has no native bf16"
 
 
-def quantize_linear_layers(module: nn.Module) -> nn.Module:
+def quantize_linear_layers(module: nn.Module, qconfig_spec: dict | None = None) -> nn.Module:
     """`module` with its nn.Linear layers (in the video encoder: attention and MLP, about 70% of
     its time) replaced, in place, by dynamically quantised int8 ones: int8 weights with one scale
     per tensor, activations quantised per call, float32 outputs. What --precision int8 applies to
     the video encoder (inference.api.VideoLanguageModel.load); the text side stays fp32.
+    `qconfig_spec` (quantize_dynamic's: module types or names -> qconfig) quantises other layers
+    or other ways (benchmarks/bench_int8.py measures some: per-channel scales, the MLPs only, all
+    but qkv; none kept 90% of a search's top 10 at 1.5x fp32's rate on the toy model).
 
     torch.ao.quantization is deprecated in favour of torchao's quantize_, but torchao's int8
     dynamic linear runs slower than fp32 on a CPU without torch.compile (0.87x measured on a
@@ -178,7 +181,7 @@ def quantize_linear_layers(module: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.ao\.quantization")
         warnings.filterwarnings("ignore", category=UserWarning, message=r".*quantize_per_tensor")
-        return quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        return quantize_dynamic(module, qconfig_spec or {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def precision_for_index(requested: str, stored: str | None, device, index_folder, updating: bool,
