@@ -11,9 +11,11 @@ run_toy.py makes it) on a long video joined from the toy clips (toy_data/videos:
     python -m benchmarks.bench_windows                       # toy, 1,200 clips joined: 40 min of video
     python -m benchmarks.bench_windows --threads 1             # a core left to the decoding worker
     python -m benchmarks.bench_windows --model 224 --seconds 30 --window 4 --batch_size 2 --rounds 2
+    python -m benchmarks.bench_windows --contention --threads 1 --clips 150   # what decoding beside costs
 """
 import argparse
 import json
+import multiprocessing
 import shutil
 import statistics
 import tempfile
@@ -97,6 +99,40 @@ def encoder_rate(model, long_video: Path, args) -> float:
     return len(windows) / (time.perf_counter() - began)
 
 
+def _decode_until(stop, path: str, config: dict, window: float) -> None:
+    """Another process: the windows of `path` decoded over and over, as a decoding worker does."""
+    torch.set_num_threads(1)
+    clips = ClipDataset(config, "video files", train=False, substitute_black_on_error=False)
+    while not stop.is_set():
+        for _ in read_windows(path, clips, Windowing(window, window / 2)):
+            if stop.is_set():
+                break
+
+
+def _spin_until(stop) -> None:
+    """Another process: arithmetic on a few registers, no memory traffic."""
+    count = 0
+    while not stop.is_set():
+        count += 1
+
+
+def contention_rates(model, long_video: Path, args) -> dict:
+    """Encoder-only windows/s alone, beside a process decoding windows, and beside one spinning: what
+    a decoding worker's mere presence on another core costs the encoder (shared caches and memory)."""
+    context = multiprocessing.get_context("spawn")
+    rates = {"alone": encoder_rate(model, long_video, args)}
+    for name, target, extra in (("beside decoding", _decode_until, (str(long_video), model.config, args.window)),
+                                ("beside a busy loop", _spin_until, ())):
+        stop = context.Event()
+        process = context.Process(target=target, args=(stop, *extra), daemon=True)
+        process.start()
+        time.sleep(5)  # the process started (imports) and is working
+        rates[name] = encoder_rate(model, long_video, args)
+        stop.set()
+        process.join()
+    return rates
+
+
 def make_videos(folder: Path, args) -> tuple[Path, Path]:
     long_video, warm_video = folder / "long.mp4", folder / "warm.mp4"
     if args.model == "toy":
@@ -125,6 +161,9 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the encoding process (default: torch's); fewer than the cores "
                              "leaves the decoding worker a core of its own")
+    parser.add_argument("--contention", action="store_true",
+                        help="instead: the encoder-only rate alone, beside a decoding process and beside a busy "
+                             "loop (run with --threads 1 on a 2-core machine: each process has a core)")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     if args.threads:
@@ -134,6 +173,9 @@ def main():
     try:
         long_video, warm_video = make_videos(folder, args)
         model = load_model(folder, args)
+        if args.contention:
+            return report_contention(model, [contention_rates(model, long_video, args) for _ in range(args.rounds)],
+                                     args)
         rates = [(*pipeline_rate(model, long_video, warm_video, folder, args), encoder_rate(model, long_video, args))
                  for _ in range(args.rounds)]  # alternated, so that drifts in load hit both alike
     finally:
@@ -156,6 +198,18 @@ def main():
     if args.out:
         Path(args.out).write_text(json.dumps({"machine": machine, "settings": vars(args), "results": result},
                                              indent=1))
+
+
+def report_contention(model, rounds: list[dict], args) -> None:
+    medians = {name: statistics.median(rates[name] for rates in rounds) for name in rounds[0]}
+    machine = common.machine_info(model.device)
+    print(f"machine: {machine['cpu']} ({machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads); "
+          f"precision {model.precision.name}; encoder-only windows/s, median of {args.rounds} rounds")
+    for name, rate in medians.items():
+        print(f"{name:>20} {rate:8.1f}  {rate / medians['alone']:5.0%}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"machine": machine, "settings": vars(args), "medians": medians,
+                                              "rounds": rounds}, indent=1))
 
 
 if __name__ == "__main__":
