@@ -123,3 +123,15 @@ def test_rules_benchmark_times_every_rule_on_the_axes_it_reduces(tmp_path):
         assert [row[f"{axis}_ms"] is not None for axis in ("time", "space")] == [
             axis in RULES[name].axes for axis in ("time", "space")]
         assert row["decision_ms"] > 0 and row["share_pct"] > 0
+
+
+@pytest.mark.parametrize("section", [[], ["--contention"]])
+def test_window_benchmark_counts_the_windows_of_its_video(tmp_path, section):
+    """bench_windows at 224 px with one block on a 3 s video: windows of 2 s every 1 s are two."""
+    payload = run_benchmark("bench_windows", tmp_path, "--model", 224, "--depth", 1, "--seconds", 3, "--window", 2,
+                            "--batch_size", 2, "--rounds", 1, "--precision", "fp32", *section, timed=False)
+    if section:
+        assert set(payload["medians"]) == {"alone", "beside decoding", "beside a busy loop"}
+        assert all(rate > 0 for rate in payload["medians"].values())
+    else:
+        assert payload["results"]["windows"] == 2 and payload["results"]["ratio"] > 0
