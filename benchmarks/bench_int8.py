@@ -148,16 +148,23 @@ def clip_tensor(args, frames: int, device) -> torch.Tensor:
     return ClipPreprocess(config)(path).unsqueeze(0).to(device)
 
 
-def corpus_captions(corpus: Path, videos: list[Path]) -> list[str]:
-    """Every caption of the corpus's annotation files (ann/*.jsonl) whose video is among `videos`."""
-    names = {path.stem for path in videos}
-    captions = []
+def corpus_captions(corpus: Path, videos: list[Path]) -> dict[str, set[int]]:
+    """Every distinct caption of the corpus's annotation files (ann/*.jsonl) whose video is among
+    `videos`, with the positions in `videos` of the videos it describes."""
+    positions = {path.stem: number for number, path in enumerate(videos)}
+    captions = {}
     for annotation in sorted((corpus / "ann").glob("*.jsonl")):
         for line in annotation.read_text().splitlines():
             entry = json.loads(line)
-            if entry.get("clip_name") in names and entry["caption"] not in captions:
-                captions.append(entry["caption"])
+            if entry.get("clip_name") in positions:
+                captions.setdefault(entry["caption"], set()).add(positions[entry["clip_name"]])
     return captions
+
+
+def recall_at(top: torch.Tensor, relevant: list[set[int]], ks=(1, 5, 10)) -> list[float]:
+    """Text-to-video recall@k: the share of queries with one of their videos among the first k hits."""
+    return [sum(bool(set(hits[:k].tolist()) & videos) for hits, videos in zip(top, relevant)) / len(relevant)
+            for k in ks]
 
 
 def agreement_rows(args, device) -> list[dict]:
@@ -192,7 +199,8 @@ def agreement_rows(args, device) -> list[dict]:
     reference = reference_model.encode_videos(videos, batch_size=args.batch_size)
     assert not reference.failed, reference.failed
     captions = corpus_captions(corpus, videos)
-    queries = reference_model.encode_texts(captions)  # the text side: fp32 at every precision compared
+    queries = reference_model.encode_texts(list(captions))  # the text side: fp32 at every precision compared
+    relevant = list(captions.values())
     candidates, int8_layers = {}, None
     for name in common.parse_list(args.compare):
         if name == "fp32-batch1":  # the floor: fp32 itself, other batch shapes round differently
@@ -221,6 +229,8 @@ def agreement_rows(args, device) -> list[dict]:
                      "cosine_min": cosines.min().item(), "cosine_mean": cosines.mean().item(),
                      "top10_overlap_mean": statistics.mean(overlaps), "top10_overlap_min": min(overlaps),
                      "same_top1": sum(int(a[0] == b[0]) for a, b in zip(top_reference, top)) / len(captions),
+                     # what the search is for: the captions' own videos found, at this precision and at fp32
+                     "recall_1_5_10": recall_at(top, relevant), "recall_1_5_10_fp32": recall_at(top_reference, relevant),
                      "config_values": {key: reference_model.config.get(key) for key in
                                        ("image_size", "vision_width", "depth", "num_frm_test", "token_merging",
                                         "testa_r")}})
@@ -289,7 +299,8 @@ def main():
         rows += agreement_rows(args, device)
         common.print_table([row for row in rows if row["section"] == "agreement"],
                            ["precision", "int8_scheme", "weights", "videos", "queries", "cosine_min", "cosine_mean",
-                            "top10_overlap_mean", "top10_overlap_min", "same_top1"], title="against fp32: ITC embeddings and top-10 hits")
+                            "top10_overlap_mean", "top10_overlap_min", "same_top1", "recall_1_5_10",
+                            "recall_1_5_10_fp32"], title="against fp32: ITC embeddings and top-10 hits")
     found = checks(rows)
     for check in found:
         print(f"{'met' if check['met'] else 'MISSED'}: {check['target']}: {check['value']:.4g}")
