@@ -190,15 +190,24 @@ def test_an_interrupted_long_index_resumes(toy, videos, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_windows_with_stored_tokens_caption_a_moment_without_decoding(toy, videos, tmp_path, capsys):
-    """--tokens with --window: a token row per window, and `caption --start --end` of a window reads
-    its row (a pre-training checkpoint indexes for zero-shot search and captions with one encoder)."""
-    index = tmp_path / "index"
-    out = run(["index", videos / "long", "--index", index, "--window", CLIP_SECONDS, "--tokens", "--num_workers", "0",
+    """--tokens with --window: a token row per window, kept by an update that adds a file, and
+    `caption --start --end` of a window reads its row (a pre-training checkpoint indexes for
+    zero-shot search and captions with one encoder)."""
+    index, folder = tmp_path / "index", tmp_path / "videos"
+    shutil.copytree(videos / "long", folder)
+    out = run(["index", folder, "--index", index, "--window", CLIP_SECONDS, "--tokens", "--num_workers", "0",
                *model_args(toy, "pretrain")], capsys)
     assert out.endswith(f"; {2 * CLIPS - 1} windows\n")
     stored = VideoIndex.open(index)
     assert stored.tokens.shape[0] == len(stored.files) == 2 * CLIPS - 1
-    caption = ["caption", videos / "long" / "long.mp4", "--start", 2 * CLIP_SECONDS, "--end", 3 * CLIP_SECONDS,
+    long_tokens = np.array(stored.tokens)
+    shutil.copy(videos / "clips" / "clip0.mp4", folder / "short.mp4")
+    out = run(["index", folder, "--index", index, "--tokens", "--num_workers", "0"], capsys)
+    assert f"2 videos (1 encoded, 1 unchanged, 0 dropped), 0 unreadable; {2 * CLIPS} windows" in out
+    stored = VideoIndex.open(index)
+    rows = [row for row, entry in enumerate(stored.files) if entry["path"] == "long.mp4"]
+    assert stored.tokens.shape[0] == len(stored.files) == 2 * CLIPS and np.array_equal(stored.tokens[rows], long_tokens)
+    caption = ["caption", folder / "long.mp4", "--start", 2 * CLIP_SECONDS, "--end", 3 * CLIP_SECONDS,
                *model_args(toy, "pretrain")]
     from_file = run(caption, capsys)
     video_tool.main([str(arg) for arg in [*caption, "--index", index]])
