@@ -184,17 +184,16 @@ def warn(message: str) -> None:
 
 
 def run_index(args, out) -> None:
-    from inference.index import VIDEO_SUFFIXES, read_manifest, update_index
+    from inference.index import VIDEO_SUFFIXES, read_manifest
     from inference.index_processes import join_processes, launched_on_processes, update_index_on_processes
     check_exists(args.folder, "folder")
-    update = update_index
     try:
         if launched_on_processes():  # under torchrun: the processes share the encoding, rank 0 commits
             args.device = str(join_processes(args.device))
-            update = update_index_on_processes
         model = load_model(args, read_manifest(args.index))
-        summary = update(model, args.folder, args.index, args.batch_size, args.num_workers, args.tokens,
-                         args.embedding_dtype, window=args.window, stride=args.stride)
+        # in parts, on one process too: an interrupted run keeps what it encoded, and the same command resumes
+        summary = update_index_on_processes(model, args.folder, args.index, args.batch_size, args.num_workers,
+                                            args.tokens, args.embedding_dtype, window=args.window, stride=args.stride)
     except Interrupted:  # update_index says what the index folder holds
         raise
     except KeyboardInterrupt:  # before update_index began its work: loading, importing

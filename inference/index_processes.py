@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import timedelta
@@ -232,7 +233,13 @@ class _Leader:
         if any(self.parts_folder.glob("part-*.npz")):
             return Interrupted(f"{interrupt}; the videos encoded so far are kept in {self.parts_folder}: the same "
                                "command resumes")
+        self.remove_empty_parts_folder()
         return interrupt
+
+    def remove_empty_parts_folder(self) -> None:
+        """A run stopped before its first part leaves no folder behind."""
+        with suppress(OSError):  # absent, or holding parts (or another process's temporary files)
+            self.parts_folder.rmdir()
 
 
 def _say_resumed(plan: EncodingPlan) -> None:
@@ -240,7 +247,7 @@ def _say_resumed(plan: EncodingPlan) -> None:
     kept = sum(len(plan.part(number)) for number in range(plan.num_parts) if number not in missing)
     if kept:
         print(f"index: resuming: {kept} of {len(plan.files)} videos were encoded by an interrupted run; "
-              f"encoding the other {len(plan.files) - kept}", flush=True)
+              f"encoding the other {len(plan.files) - kept}", file=sys.stderr, flush=True)
 
 
 def update_index_on_processes(model, video_folder, index_folder, batch_size: int | None = None,
@@ -261,6 +268,7 @@ def update_index_on_processes(model, video_folder, index_folder, batch_size: int
         raise leader.interrupted(interrupt) from None
     except Exception as error:
         leader.tell_followers(user_message(error) or f"rank 0 failed: {type(error).__name__}")
+        leader.remove_empty_parts_folder()
         raise
     leader.tell_followers(summary)
     return summary

@@ -109,8 +109,10 @@ def test_interrupted_update_leaves_the_previous_index(toy, folder, tmp_path, cap
     assert (index / "manifest.json").read_text() == before
     monkeypatch.undo()
     assert "rank" in run(["search", "--index", index, "a red circle moves left", "-k", "2"], capsys)
-    previous = json.loads(before)  # the interrupted run removed its own files and released the lock
-    assert {path.name for path in index.iterdir()} == {"manifest.json", previous["embeddings"], previous["tokens"]}
+    previous = json.loads(before)  # the interrupted run removed its data files, released the lock, kept its part
+    assert {path.name for path in index.iterdir()} == {"manifest.json", previous["embeddings"], previous["tokens"],
+                                                       ".index-parts"}
+    assert len(list((index / ".index-parts").glob("part-*.npz"))) == 1
     out = run(["index", folder, "--index", index, "--tokens", "--num_workers", "0"], capsys)
     assert "(1 encoded" in out
     manifest = json.loads((index / "manifest.json").read_text())
@@ -267,7 +269,9 @@ def test_missing_and_undecodable_videos_say_which_they_are(toy, tmp_path, capsys
 
 
 def index_files(index) -> dict:
-    return {path.name: path.read_bytes() for path in index.iterdir()}
+    """The index folder's files and their bytes (a folder of parts: its parts' names)."""
+    return {path.name: sorted(part.name for part in path.iterdir()) if path.is_dir() else path.read_bytes()
+            for path in index.iterdir()}
 
 
 @pytest.mark.slow
@@ -288,11 +292,18 @@ def test_ctrl_c_while_indexing_is_one_line_and_keeps_the_previous_index(toy, fol
     assert "Traceback" not in output and "Exception ignored" not in output, output
     assert [line for line in output.splitlines() if line.startswith("error:")] == [
         f"error: interrupted: index {index} not updated (the previous index is unchanged and searchable); nothing "
-        "of this run was committed"]
-    assert index_files(index) == before  # the same manifest and data files, no leftovers, no lock
+        f"of this run was committed; the videos encoded so far are kept in {index / '.index-parts'}: the same "
+        "command resumes"]
+    after = index_files(index)
+    assert len(after.pop(".index-parts")) == 1  # the first batch's part, kept for the next run
+    assert after == before  # the same manifest and data files, no leftovers, no lock
     previous = VideoIndex.open(index)
     assert np.array_equal(previous.embeddings, np.load(index / json.loads(before["manifest.json"])["embeddings"]))
     assert len(run(["search", "--index", index, "a red circle", "-k", "2"], capsys).splitlines()) == 3
+    video_tool.main([str(arg) for arg in ["index", folder, "--index", index, "--tokens", "--num_workers", "0",
+                                          "--batch_size", "2"]])
+    assert "index: resuming: 2 of 6 videos were encoded by an interrupted run" in capsys.readouterr().err
+    assert not (index / ".index-parts").exists()
 
 
 def test_ctrl_c_in_a_destructor_is_raised_after_it_not_printed_and_lost():

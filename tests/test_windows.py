@@ -161,8 +161,9 @@ def test_search_gives_each_clip_its_time_range(toy, videos, tmp_path, capsys, qu
 
 @pytest.mark.slow
 def test_an_interrupted_long_index_resumes(toy, videos, tmp_path, capsys):
-    """Interrupted after its first batch (TESTA_INTERRUPT_AFTER_BATCH, runtime/fault_injection.py), the
-    run leaves the index as it was; the next run keeps its rows and encodes the rest."""
+    """Interrupted after its third batch (TESTA_INTERRUPT_AFTER_BATCH, runtime/fault_injection.py), when
+    b.mp4's nine windows are encoded (batches of 4, 4 and 1), the run leaves the index as it was and
+    keeps b.mp4's part; the next run keeps the index's rows and that part, and encodes c.mp4."""
     folder, index = tmp_path / "videos", tmp_path / "index"
     folder.mkdir()
     shutil.copy(videos / "long" / "long.mp4", folder / "a.mp4")
@@ -173,11 +174,14 @@ def test_an_interrupted_long_index_resumes(toy, videos, tmp_path, capsys):
         shutil.copy(videos / "long" / "long.mp4", folder / name)
     command = [sys.executable, str(REPO_ROOT / "video_tool.py"), "index", str(folder), "--index", str(index),
                "--num_workers", "1", "--batch_size", "4"]
-    env = {**os.environ, "TESTA_INTERRUPT_AFTER_BATCH": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TESTA_INTERRUPT_AFTER_BATCH": "3", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 130, result.stdout + result.stderr
     assert (index / "manifest.json").read_text() == before
-    out = run(["index", folder, "--index", index, "--num_workers", "0"], capsys)
+    video_tool.main([str(arg) for arg in ["index", folder, "--index", index, "--num_workers", "0",
+                                          "--batch_size", "4"]])
+    out, err = capsys.readouterr()
+    assert "index: resuming: 1 of 2 videos were encoded by an interrupted run" in err
     assert f"3 videos (2 encoded, 1 unchanged, 0 dropped), 0 unreadable; {3 * (2 * CLIPS - 1)} windows" in out
     resumed = VideoIndex.open(index)
     rows = {name: [row for row, entry in enumerate(resumed.files) if entry["path"] == name]
