@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 MANIFEST = "manifest.json"
-# Where the processes of a multi-process run leave the videos they encoded (inference/index_processes.py).
+# Where video_tool.py index keeps the parts it encoded until its commit (inference/index_processes.py).
 PARTS_FOLDER = ".index-parts"
 
 
@@ -173,4 +173,4 @@ class IndexWriter:
         for path in self.folder.iterdir():
             if path.name not in current and path.name.lstrip(".").startswith(("embeddings-", "tokens-", MANIFEST)):
                 path.unlink(missing_ok=True)
-        shutil.rmtree(self.folder / PARTS_FOLDER, ignore_errors=True)  # a multi-process run's parts: in the commit
+        shutil.rmtree(self.folder / PARTS_FOLDER, ignore_errors=True)  # the run's parts: in the commit

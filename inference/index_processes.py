@@ -1,10 +1,11 @@
-"""Indexing on many processes: `python -m torch.distributed.run --nproc_per_node=N video_tool.py index ...`.
+"""Indexing in parts, on one process or many: `video_tool.py index ...`, or under
+`python -m torch.distributed.run --nproc_per_node=N video_tool.py index ...`.
 
-Rank 0 does what a single process does (inference/index.py: the lock, the previous index, the
-kept rows, the commit); only the encoding of the new files is shared. Those files are cut into
-parts of whole batches, in the single-process order, so every batch is one a single process
-would form and the numbers are the same bit for bit, whatever a clip's output owes to the other
-clips of its batch. The parts still to encode go to the processes in contiguous runs; each
+Rank 0 (the only one without torchrun) does what inference/index.py's update_index does (the
+lock, the previous index, the kept rows, the commit); only the encoding of the new files is
+shared. Those files are cut into parts of whole batches, in the single-process order, so every
+batch is one a single process would form and the numbers are the same bit for bit, whatever a
+clip's output owes to the other clips of its batch. The parts still to encode go to the processes in contiguous runs; each
 process writes a part as a file of its own (written to a temporary name, then renamed) into
 the index folder's PARTS_FOLDER, named by a hash of its files and of what their numbers depend
 on. Rank 0 then adds the parts in order to the new generation and commits one manifest, as a
