@@ -24,8 +24,10 @@ CASES: list[Case] = [
     Case("ctrl_c_in_pretraining", lambda ws: ws.pretrain("batch_size=2"),
          r"^error: interrupted at epoch 0 step \d+ \(batch \d+/\d+\); no checkpoint written yet$", exit_code=130,
          env=CTRL_C_AFTER_FIRST_STEP),
-    # 16 videos in batches of 2, decoded by a worker process: nothing of the run is committed.
+    # 16 videos in batches of 2, decoded by a worker process: nothing of the run is committed, the
+    # first batch's part is kept for the same command.
     Case("ctrl_c_while_indexing", lambda ws: index_into(ws, "--num_workers", "1", "--batch_size", "2"),
          r"^error: interrupted: index .*/index not updated \(no index was written\); nothing of this run was "
-         r"committed$", exit_code=130, env=CTRL_C_AFTER_FIRST_BATCH),
+         r"committed; the videos encoded so far are kept in .*/index/\.index-parts: the same command resumes$",
+         exit_code=130, env=CTRL_C_AFTER_FIRST_BATCH),
 ]

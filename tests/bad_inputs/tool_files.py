@@ -180,7 +180,8 @@ CASES: list[Case] = [
     Case("index_of_a_folder_without_videos",
          lambda ws: tool("index", str(ws.folder / "empty"), "--index", str(ws.folder / "index"),
                          *model(ws, "retrieval")),
-         r"^warning: no videos in .*/empty \(looked for \.mp4, \.webm, \.mkv, \.avi, \.mov files, in any case, in it "
+         r"^warning: no videos in .*/empty \(looked for \.mp4, \.webm, \.mkv, \.avi, \.mov, \.m4v, \.flv, \.mpg, \.mpeg "
+         r"files, in any case, in it "
          r"and its subfolders\); the index .*/index holds none$", exit_code=0, stream="warning",
          setup=folder_without_videos, timeout=QUICK),
 ]
