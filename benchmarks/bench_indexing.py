@@ -88,14 +88,7 @@ def main():
     parser.add_argument("--videos", type=int, default=13,
                         help="videos generated (the first warms up; starting the decoding workers and decoding the "
                              "first batch are not hidden, so few videos understate the ratio)")
-    parser.add_argument("--batch_size", type=int, default=2)
-    parser.add_argument("--num_workers", type=int, default=1, help="decoding processes of the pipeline")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of the encoding process (default: torch's); fewer than the cores "
-                             "leaves the decoding workers cores of their own, as a GPU run does")
-    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    common.add_indexing_pipeline_options(parser, batch_size=2)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

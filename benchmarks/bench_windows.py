@@ -153,18 +153,11 @@ def main():
     parser.add_argument("--seconds", type=int, default=120, help="length of the 224 px model's generated video")
     parser.add_argument("--depth", type=int, default=12, help="the 224 px encoder's blocks (default: the real 12)")
     parser.add_argument("--window", type=float, default=2.0, help="window seconds (stride: half of it)")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--num_workers", type=int, default=1, help="decoding processes of the pipeline")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    parser.add_argument("--device", default=None)
+    common.add_indexing_pipeline_options(parser, batch_size=8)
     parser.add_argument("--rounds", type=int, default=3, help="measurements of each, median reported")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of the encoding process (default: torch's); fewer than the cores "
-                             "leaves the decoding worker a core of its own")
     parser.add_argument("--contention", action="store_true",
                         help="instead: the encoder-only rate alone, beside a decoding process and beside a busy "
                              "loop (run with --threads 1 on a 2-core machine: each process has a core)")
-    parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -43,6 +43,19 @@ def base_parser(description):
     return parser
 
 
+def add_indexing_pipeline_options(parser, batch_size: int) -> None:
+    """The options of the benchmarks that time video_tool's indexing pipeline (decoding workers
+    feeding the encoder) against the encoder alone: bench_indexing, bench_windows."""
+    parser.add_argument("--batch_size", type=int, default=batch_size)
+    parser.add_argument("--num_workers", type=int, default=1, help="decoding processes of the pipeline")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the encoding process (default: torch's); fewer than the cores "
+                             "leaves the decoding workers cores of their own")
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+
+
 def scratch_folder(prefix):
     """A temporary folder for generated clips, removed when the benchmark exits."""
     folder = tempfile.mkdtemp(prefix=prefix)
