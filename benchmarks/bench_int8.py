@@ -161,6 +161,18 @@ def corpus_captions(corpus: Path, videos: list[Path]) -> dict[str, set[int]]:
     return captions
 
 
+def near_ties(queries: torch.Tensor, videos: torch.Tensor, k: int) -> dict:
+    """How close fp32's ranking is to a tie, which is what a small change of the embeddings can
+    reorder: the mean cosine between two videos, and per query (medians) the gap between the k-th
+    and the next ITC score against the spread (standard deviation) of all its scores."""
+    scores = queries @ videos.T
+    between = videos @ videos.T
+    gap = (scores.topk(k + 1, dim=1).values[:, k - 1] - scores.topk(k + 1, dim=1).values[:, k]) \
+        if len(videos) > k else torch.zeros(len(queries))
+    return {"fp32_video_cosine_mean": between[~torch.eye(len(videos), dtype=torch.bool)].mean().item(),
+            f"fp32_gap_{k}_{k + 1}_median": gap.median().item(), "fp32_score_std_median": scores.std(dim=1).median().item()}
+
+
 def recall_at(top: torch.Tensor, relevant: list[set[int]], ks=(1, 5, 10)) -> list[float]:
     """Text-to-video recall@k: the share of queries with one of their videos among the first k hits."""
     return [sum(bool(set(hits[:k].tolist()) & videos) for hits, videos in zip(top, relevant)) / len(relevant)
@@ -214,6 +226,7 @@ def agreement_rows(args, device) -> list[dict]:
             candidates[name] = load(name).encode_videos(videos, batch_size=args.batch_size)
     k = min(10, len(videos))
     top_reference = (queries @ reference.embeddings.T).topk(k, dim=1).indices
+    ties = near_ties(queries, reference.embeddings, k)
     rows = []
     for name, encoding in candidates.items():
         assert encoding.paths == reference.paths
@@ -231,6 +244,7 @@ def agreement_rows(args, device) -> list[dict]:
                      "same_top1": sum(int(a[0] == b[0]) for a, b in zip(top_reference, top)) / len(captions),
                      # what the search is for: the captions' own videos found, at this precision and at fp32
                      "recall_1_5_10": recall_at(top, relevant), "recall_1_5_10_fp32": recall_at(top_reference, relevant),
+                     **ties,
                      "config_values": {key: reference_model.config.get(key) for key in
                                        ("image_size", "vision_width", "depth", "num_frm_test", "token_merging",
                                         "testa_r")}})

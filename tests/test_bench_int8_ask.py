@@ -22,6 +22,8 @@ def test_int8_benchmark_speed_and_agreement(tmp_path):
     assert agreement["cosine_min"] > 0.99 and 0 <= agreement["top10_overlap_min"] <= 1
     for recall in (agreement["recall_1_5_10"], agreement["recall_1_5_10_fp32"]):  # at k = 10 of 12 videos: most
         assert 0 <= recall[0] <= recall[1] <= recall[2] <= 1 and recall[2] >= 0.5
+    assert agreement["fp32_gap_10_11_median"] >= 0 and agreement["fp32_score_std_median"] > 0
+    assert -1 <= agreement["fp32_video_cosine_mean"] <= 1
     assert {check["target"].split(" ")[1] for check in payload["checks"]} >= {"4f", "ITC", "top-10"}
 
 
